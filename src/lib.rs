@@ -1,1 +1,10 @@
-//! taper
+//! taper: LoRA fine-tuning of language models from declarative pipeline files.
+//!
+//! Data flows one way: [`spec`] (YAML -> typed pipeline) -> [`plan`] (DAG + ledger -> what
+//! runs and why) -> [`exec`] (runs the plan, emits events) -> [`stages`] (one module per
+//! stage kind) -> [`state`] (the Parquet ledger). [`cli`] drives it all. See
+//! ARCHITECTURE.md for the map.
+
+pub mod spec;
+pub mod stages;
+pub mod state;

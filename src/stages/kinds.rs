@@ -1,0 +1,113 @@
+//! The stage kinds taper knows, and the typed configuration of each.
+//!
+//! A new kind adds a variant to [`StageConfig`], an entry to [`KINDS`] and a file beside
+//! this one. The kind's `version` goes into every fingerprint, so bumping it re-runs the
+//! stages of that kind.
+
+use super::command::{self, CommandConfig};
+use super::context::{StageContext, StageError};
+use crate::spec::de::{did_you_mean, from_node};
+use crate::spec::{SpecError, Stage};
+use std::path::Path;
+
+/// Facts about one stage kind.
+#[derive(Clone, Copy, Debug)]
+pub struct KindInfo {
+    /// The name written after `kind:`.
+    pub name: &'static str,
+    /// Implementation version, part of the fingerprint.
+    pub version: u32,
+    /// Whether an interrupted attempt keeps its staging folder to resume from it.
+    pub resumable: bool,
+    /// `None` when the kind is available; else why not.
+    pub unavailable: Option<&'static str>,
+}
+
+/// Every kind, available or announced.
+pub const KINDS: &[KindInfo] = &[
+    KindInfo {
+        name: "command",
+        version: command::VERSION,
+        resumable: false,
+        unavailable: None,
+    },
+    KindInfo {
+        name: "tokenize",
+        version: 1,
+        resumable: false,
+        unavailable: Some("the tokenize stage is not supported yet"),
+    },
+    KindInfo {
+        name: "train",
+        version: 1,
+        resumable: true,
+        unavailable: Some("the train stage is not supported yet"),
+    },
+    KindInfo {
+        name: "eval",
+        version: 1,
+        resumable: false,
+        unavailable: Some("the eval stage is not supported yet"),
+    },
+    KindInfo {
+        name: "migrate",
+        version: 1,
+        resumable: false,
+        unavailable: Some("the migrate stage is not supported yet"),
+    },
+    KindInfo {
+        name: "merge",
+        version: 1,
+        resumable: false,
+        unavailable: Some("the merge stage is not supported yet"),
+    },
+];
+
+/// The facts of kind `name`.
+pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// A stage's typed `with:` configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageConfig {
+    /// `kind: command`.
+    Command(CommandConfig),
+}
+
+impl StageConfig {
+    /// Runs one attempt of the stage.
+    pub fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        match self {
+            StageConfig::Command(c) => command::run(c, ctx),
+        }
+    }
+}
+
+/// Converts a stage's `with:` block into its kind's typed configuration, with errors that
+/// point into the pipeline file.
+pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
+    let key = format!("stages.{}.with", stage.base_name);
+    let Some(info) = kind_info(&stage.kind.name) else {
+        let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        let mut msg = format!("unknown stage kind \"{}\"", stage.kind.name);
+        if let Some(best) = did_you_mean(&stage.kind.name, names.iter().copied()) {
+            msg.push_str(&format!(" (did you mean \"{best}\"?)"));
+        }
+        msg.push_str(&format!("; known kinds: {}", names.join(", ")));
+        return Err(SpecError::at(file, stage.kind.pos, msg)
+            .stage(&stage.name)
+            .key(format!("stages.{}.kind", stage.base_name)));
+    };
+    if let Some(why) = info.unavailable {
+        return Err(SpecError::at(file, stage.kind.pos, why)
+            .stage(&stage.name)
+            .key(format!("stages.{}.kind", stage.base_name)));
+    }
+    let de_err = |e| SpecError::from_de(file, stage.with.pos, &key, e).stage(&stage.name);
+    match info.name {
+        "command" => from_node(&stage.with).map(StageConfig::Command).map_err(de_err),
+        other => Err(SpecError::at(file, stage.kind.pos, format!("stage kind \"{other}\" has no implementation"))
+            .stage(&stage.name)),
+    }
+}

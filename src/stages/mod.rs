@@ -1,0 +1,8 @@
+//! Stage kinds: one file per kind behind one interface ([`StageConfig::run`]).
+
+pub mod command;
+pub mod context;
+pub mod kinds;
+
+pub use context::{CancelToken, StageContext, StageError, StageEvent, StopReason};
+pub use kinds::{configure, kind_info, KindInfo, StageConfig, KINDS};
