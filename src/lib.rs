@@ -1,1 +1,3 @@
 //! taper
+pub mod formats;
+pub mod model;
