@@ -80,3 +80,14 @@ fn bf16_checkpoint_runs_in_f32_and_bf16_close_to_f32_logits() {
         assert!(diff <= tol, "{dtype:?}: max abs diff {diff} > {tol}");
     }
 }
+
+#[test]
+fn logits_are_written_as_one_safetensors_tensor() {
+    let got = logits("tiny-llama", None, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logits.safetensors");
+    taper::model::write_logits(&path, &got).unwrap();
+    let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(back.keys().collect::<Vec<_>>(), vec!["logits"]);
+    assert_eq!(max_abs_diff(&back["logits"], &got), 0.0);
+}
