@@ -109,6 +109,20 @@ impl Llama {
         &self.layers
     }
 
+    /// The frozen tensors outside the projections: embedding, norms and (untied) LM head.
+    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![
+            &self.embed_tokens,
+            self.norm.weight(),
+            self.lm_head.weight(),
+        ];
+        for l in &self.layers {
+            out.push(l.input_layernorm.weight());
+            out.push(l.post_attention_layernorm.weight());
+        }
+        out
+    }
+
     /// Every projection that can carry LoRA, layer by layer in checkpoint order
     /// (q, k, v, o, gate, up, down). Never the LM head.
     pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {

@@ -25,6 +25,10 @@ impl RmsNorm {
     pub fn load(w: &Weights, size: usize, eps: f64) -> Result<Self, ModelError> {
         Ok(Self::new(w.get(size, "weight")?, eps))
     }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 /// The dtype reductions run in: f32 for half types, the input dtype otherwise.
