@@ -235,6 +235,7 @@ fn inspect_reports_models_and_adapters_of_both_formats() {
     assert_eq!(model.tensors.len(), 21);
     assert_eq!(model.parameter_count, 139_584);
     let text = model.to_string();
+    eprintln!("{text}");
     assert!(
         text.contains("LlamaForCausalLM") && text.contains("139,584"),
         "{text}"
@@ -247,6 +248,7 @@ fn inspect_reports_models_and_adapters_of_both_formats() {
     let peft = inspect(&fixture("peft-adapter-llama")).unwrap();
     assert_eq!(peft.tensors.len(), 8);
     let text = peft.to_string();
+    eprintln!("{text}");
     assert!(
         text.contains("(peft)") && text.contains("r 8, alpha 16"),
         "{text}"

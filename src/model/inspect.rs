@@ -1,5 +1,6 @@
 //! `taper inspect`: what a model or adapter directory holds, for people and for tests.
-//! Reads only headers and configs; no tensor data is loaded.
+//! For a model only the config and the safetensors headers are read; an adapter (small)
+//! is read in full, so inspecting it also validates it.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -63,6 +63,21 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Llama, Mo
     ModelDir::open(dir)?.load(dtype, device)
 }
 
+/// Parses a compute dtype name as a user writes it: `f32`/`float32`, `bf16`/`bfloat16`
+/// (also `f16` and `f64`).
+pub fn parse_compute_dtype(name: &str) -> Result<DType, ModelError> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(ModelError::InvalidInput {
+            what: "dtype".into(),
+            message: format!("unknown dtype `{other}` (expected f32 or bf16)"),
+        }),
+    }
+}
+
 /// Compute dtypes the model code supports: f32 and bf16 (f16 and f64 for experiments
 /// and gradient checks).
 pub fn check_compute_dtype(dtype: DType) -> Result<(), ModelError> {
@@ -72,5 +87,18 @@ pub fn check_compute_dtype(dtype: DType) -> Result<(), ModelError> {
             what: "compute dtype".into(),
             message: format!("{other:?} is not a float type taper computes in (use f32 or bf16)"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_parse_and_unknown_ones_are_named() {
+        assert_eq!(parse_compute_dtype("BF16").unwrap(), DType::BF16);
+        assert_eq!(parse_compute_dtype("float32").unwrap(), DType::F32);
+        let err = parse_compute_dtype("int8").unwrap_err().to_string();
+        assert!(err.contains("int8"), "{err}");
     }
 }

@@ -84,7 +84,10 @@ impl WeightFiles {
         shard_names.dedup();
         let mut paths = Vec::with_capacity(shard_names.len());
         for shard in shard_names {
-            if Path::new(shard).is_absolute() || shard.contains("..") {
+            let escapes = Path::new(shard)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+            if escapes {
                 return Err(ModelError::InvalidConfig {
                     path: index_path.to_path_buf(),
                     message: format!(
