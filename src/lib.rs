@@ -2,9 +2,11 @@
 //!
 //! Data flows one way: [`spec`] (YAML -> typed pipeline) -> [`plan`] (DAG + ledger -> what
 //! runs and why) -> [`exec`] (runs the plan, emits events) -> [`stages`] (one module per
-//! stage kind) -> [`state`] (the Parquet ledger). [`cli`] drives it all. See
-//! ARCHITECTURE.md for the map.
+//! stage kind) -> [`model`] / [`formats`] (candle model code, adapter files) -> [`state`]
+//! (the Parquet ledger). [`cli`] drives it all. See ARCHITECTURE.md for the map.
 
+pub mod formats;
+pub mod model;
 pub mod spec;
 pub mod stages;
 pub mod state;

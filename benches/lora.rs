@@ -1,0 +1,197 @@
+//! Benchmarks of the model math: LoRA linear forward (size and rank scaling), the
+//! differentiable softmax and RMSNorm against candle's fused kernels, forward+backward
+//! of a LoRA layer with the frozen-linear op against a plain matmul, and the forward of a
+//! small Llama built from random weights. Sample sizes are small; run with
+//! `cargo bench --bench lora`.
+
+use std::time::Duration;
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use taper::model::attention::softmax_last_dim;
+use taper::model::frozen::FrozenLinear;
+use taper::model::lora::{LoraBranch, LoraLinear};
+use taper::model::norm::RmsNorm;
+
+const BATCH: usize = 4;
+const SEQ: usize = 128;
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
+}
+
+/// A `d x d` LoRA linear of rank `r`; A and B are `Var`s when `trainable`.
+fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
+    let mut layer = LoraLinear::new("bench", FrozenLinear::new(randn(&[d, d]), None));
+    let (a, b) = (randn(&[r, d]), randn(&[d, r]));
+    let vars = if trainable {
+        vec![Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap()]
+    } else {
+        vec![]
+    };
+    let (a, b) = match vars.as_slice() {
+        [va, vb] => (va.as_tensor().clone(), vb.as_tensor().clone()),
+        _ => (a, b),
+    };
+    let branch = LoraBranch {
+        a,
+        b,
+        scale: 2.0,
+        dropout: 0.0,
+    };
+    layer.set_lora(Some(branch)).unwrap();
+    (layer, vars)
+}
+
+fn lora_forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora_forward");
+    for d in [512, 2048] {
+        let x = randn(&[BATCH, SEQ, d]);
+        let (layer, _) = lora_layer(d, 16, false);
+        group.bench_with_input(BenchmarkId::new("r16", d), &d, |bench, _| {
+            bench.iter(|| layer.forward_t(&x, false).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn lora_rank_scaling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora_rank_d2048");
+    let x = randn(&[BATCH, SEQ, 2048]);
+    for r in [8, 16, 32, 64] {
+        let (layer, _) = lora_layer(2048, r, false);
+        group.bench_with_input(BenchmarkId::from_parameter(r), &r, |bench, _| {
+            bench.iter(|| layer.forward_t(&x, false).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn softmax(c: &mut Criterion) {
+    let mut group = c.benchmark_group("softmax_1024x1024");
+    let x = randn(&[1024, 1024]);
+    group.bench_function("taper_differentiable", |b| {
+        b.iter(|| softmax_last_dim(&x).unwrap())
+    });
+    group.bench_function("candle_fused_no_backward", |b| {
+        b.iter(|| candle_nn::ops::softmax_last_dim(&x).unwrap())
+    });
+    group.finish();
+}
+
+fn rms_norm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rms_norm_4x128x2048");
+    let x = randn(&[BATCH, SEQ, 2048]);
+    let w = randn(&[2048]);
+    let norm = RmsNorm::new(w.clone(), 1e-5);
+    group.bench_function("taper_differentiable", |b| {
+        b.iter(|| norm.forward_t(&x, false).unwrap())
+    });
+    group.bench_function("candle_fused_no_backward", |b| {
+        b.iter(|| candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap())
+    });
+    group.finish();
+}
+
+fn lora_forward_backward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora_fwd_bwd_d2048_r16");
+    // The input needs a gradient, as in any block below another adapted one; otherwise
+    // backprop never enters the base product and both variants do the same work.
+    let x = Var::from_tensor(&randn(&[BATCH, SEQ, 2048])).unwrap();
+    let x = x.as_tensor();
+    let (layer, vars) = lora_layer(2048, 16, true);
+    group.bench_function("frozen_op", |b| {
+        b.iter(|| {
+            let grads = layer
+                .forward_t(x, true)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(grads.get(x).is_some() && grads.get(layer.base().weight()).is_none());
+        })
+    });
+    // The same layer with the base through candle's matmul: backprop also computes the
+    // base-weight gradient nobody uses.
+    let w = layer.base().weight().clone();
+    let (a, bm) = (vars[0].as_tensor().clone(), vars[1].as_tensor().clone());
+    group.bench_function("plain_matmul", |b| {
+        b.iter(|| {
+            let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            let delta = x
+                .broadcast_matmul(&a.t().unwrap())
+                .unwrap()
+                .broadcast_matmul(&bm.t().unwrap())
+                .unwrap();
+            let y = (base + (delta * 2.0).unwrap()).unwrap();
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(x).is_some());
+        })
+    });
+    group.finish();
+}
+
+/// Writes a random Llama (hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192)
+/// to a temp dir and loads it through the normal loading path.
+fn bench_llama(dir: &std::path::Path) -> taper::model::Llama {
+    let (h, i, layers, vocab) = (512usize, 1408usize, 8usize, 8192usize);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "hidden_act": "silu"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("model.embed_tokens.weight".to_string(), randn(&[vocab, h]));
+    tensors.insert("lm_head.weight".to_string(), randn(&[vocab, h]));
+    tensors.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+    );
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [h, h]),
+            ("self_attn.k_proj", [h, h]),
+            ("self_attn.v_proj", [h, h]),
+            ("self_attn.o_proj", [h, h]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            tensors.insert(format!("{p}.{name}.weight"), randn(&shape));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.insert(
+                format!("{p}.{norm}.weight"),
+                Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    taper::model::load_model(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn model_forward(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bench_llama(dir.path());
+    let ids: Vec<u32> = (0..SEQ as u32).map(|t| (t * 37) % 8192).collect();
+    let ids = Tensor::from_vec(ids, (1, SEQ), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("llama_h512_l8_forward");
+    group.bench_function("1x128", |b| {
+        b.iter(|| model.forward(&ids, None, false).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    targets = lora_forward, lora_rank_scaling, softmax, rms_norm, lora_forward_backward, model_forward
+}
+criterion_main!(benches);

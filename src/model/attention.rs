@@ -1,0 +1,127 @@
+//! Grouped-query self-attention with rope and an additive causal/padding bias.
+//!
+//! Scores and softmax run in f32 for half-precision models (f64 for f64 models), as
+//! transformers does. The softmax is written out (`exp(x - max) / sum`) because candle's
+//! fused `softmax_last_dim` has no backward pass. Key/value heads are shared by groups
+//! of query heads without materialising repeated copies: the query heads of one group
+//! are folded into the sequence axis of a single matmul.
+//!
+//! The forward takes a position offset so that a KV cache can be added later.
+
+use candle_core::{ModuleT, Tensor, D};
+
+use super::config::ModelConfig;
+use super::error::ModelError;
+use super::lora::LoraLinear;
+use super::norm::internal_dtype;
+use super::rope::apply_rope;
+use super::weights::Weights;
+
+/// The `q/k/v/o` projections of one decoder block and its head layout.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        let q_out = cfg.num_attention_heads * cfg.head_dim;
+        let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+        Ok(Self {
+            q_proj: LoraLinear::load(&w.pp("q_proj"), h, q_out, cfg.qkv_bias)?,
+            k_proj: LoraLinear::load(&w.pp("k_proj"), h, kv_out, cfg.qkv_bias)?,
+            v_proj: LoraLinear::load(&w.pp("v_proj"), h, kv_out, cfg.qkv_bias)?,
+            o_proj: LoraLinear::load(&w.pp("o_proj"), q_out, h, cfg.o_bias)?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// The four linears, in checkpoint order.
+    pub fn linears_mut(&mut self) -> [&mut LoraLinear; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ]
+    }
+
+    pub fn linears(&self) -> [&LoraLinear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    /// `x` `[b, s, hidden]`; `cos`/`sin` `[s, head_dim]`; `bias` `[b, 1, s, s]` in the
+    /// softmax dtype. Returns `[b, s, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nh / nkv;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.q_proj.forward_t(x, train)?, nh)?;
+        let k = heads(self.k_proj.forward_t(x, train)?, nkv)?;
+        let v = heads(self.v_proj.forward_t(x, train)?, nkv)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+
+        // Query head i reads kv head i / groups: fold each group into the row axis.
+        let q = q.reshape((b, nkv, groups * s, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let dtype = scores.dtype();
+        let scores = scores
+            .to_dtype(internal_dtype(dtype))?
+            .reshape((b, nkv, groups, s, s))?
+            .broadcast_add(&bias.unsqueeze(2)?)?;
+        let probs = softmax_last_dim(&scores)?
+            .to_dtype(dtype)?
+            .reshape((b, nkv, groups * s, s))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        self.o_proj.forward_t(&out, train)
+    }
+}
+
+/// Differentiable softmax over the last dimension (the max shift is a constant).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn softmax_matches_candle_and_has_gradients() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3., (4, 7), &Device::Cpu).unwrap()).unwrap();
+        let ours = softmax_last_dim(x.as_tensor()).unwrap();
+        let fused = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
+        let diff = (&ours - &fused).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        let w = Tensor::randn(0f32, 1., (4, 7), &Device::Cpu).unwrap();
+        let grads = (ours * w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}

@@ -1,0 +1,166 @@
+//! The Llama decoder (and Qwen2, which is Llama with q/k/v biases): token embedding,
+//! a stack of pre-norm blocks (attention + SwiGLU MLP), final RMSNorm and the LM head,
+//! tied to the embedding or not.
+//!
+//! The training forward maps a full sequence to logits and is differentiable end to end
+//! with respect to any LoRA weights attached to the projections; the base weights are
+//! plain tensors behind frozen linears and never receive a gradient.
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor};
+
+use super::attention::Attention;
+use super::config::ModelConfig;
+use super::error::ModelError;
+use super::frozen::FrozenLinear;
+use super::lora::LoraLinear;
+use super::mask::attention_bias;
+use super::mlp::Mlp;
+use super::norm::{internal_dtype, RmsNorm};
+use super::rope::RotaryEmbedding;
+use super::weights::Weights;
+
+/// One pre-norm transformer block.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, bias, train)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        x + self.mlp.forward_t(&h, train)?
+    }
+}
+
+/// A causal language model of the Llama family.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: FrozenLinear,
+    rope: RotaryEmbedding,
+}
+
+impl Llama {
+    /// Builds the model from checkpoint weights laid out as transformers saves them
+    /// (`model.embed_tokens.weight`, `model.layers.{i}....`, `lm_head.weight`).
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let m = w.pp("model");
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            FrozenLinear::new(embed_tokens.clone(), None)
+        } else {
+            FrozenLinear::load(&w.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            rope: RotaryEmbedding::new(cfg.head_dim, cfg.rope_theta),
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype (that of the loaded weights).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// The frozen tensors outside the projections: embedding, norms and (untied) LM head.
+    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![
+            &self.embed_tokens,
+            self.norm.weight(),
+            self.lm_head.weight(),
+        ];
+        for l in &self.layers {
+            out.push(l.input_layernorm.weight());
+            out.push(l.post_attention_layernorm.weight());
+        }
+        out
+    }
+
+    /// Every projection that can carry LoRA, layer by layer in checkpoint order
+    /// (q, k, v, o, gate, up, down). Never the LM head.
+    pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.self_attn.linears().into_iter().chain(l.mlp.linears()))
+    }
+
+    /// Mutable access to the same projections, for attaching adapters.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.layers.iter_mut().flat_map(|l| {
+            l.self_attn
+                .linears_mut()
+                .into_iter()
+                .chain(l.mlp.linears_mut())
+        })
+    }
+
+    /// Logits `[batch, seq, vocab]` in the compute dtype for `input_ids` `[batch, seq]`
+    /// (u32). `attention_mask` `[batch, seq]` marks real tokens with non-zero; positions
+    /// are `0..seq` for every row. With `train`, LoRA dropout is active.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let dtype = self.dtype();
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.cos_sin(0, s, dtype, self.device())?;
+        let bias = attention_bias(b, s, attention_mask, internal_dtype(dtype), self.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &bias, train)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}
