@@ -1,0 +1,3 @@
+//! Pipeline stages: one module per stage kind.
+
+pub mod tokenize;
