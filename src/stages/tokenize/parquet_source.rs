@@ -199,6 +199,7 @@ fn prompt_completion_at(
 /// A `list<struct<role, content>>` column.
 struct ChatCol<'a, O: OffsetSizeTrait> {
     list: &'a GenericListArray<O>,
+    items: &'a StructArray,
     role: StrCol<'a>,
     content: StrCol<'a>,
 }
@@ -208,6 +209,7 @@ impl<'a, O: OffsetSizeTrait> ChatCol<'a, O> {
         let items: &StructArray = list.values().as_struct_opt()?;
         Some(ChatCol {
             list,
+            items,
             role: StrCol::new(items.column_by_name("role")?.as_ref())?,
             content: StrCol::new(items.column_by_name("content")?.as_ref())?,
         })
@@ -230,6 +232,13 @@ impl<'a, O: OffsetSizeTrait> ChatCol<'a, O> {
         }
         let mut messages = Vec::with_capacity(end - start);
         for (index, j) in (start..end).enumerate() {
+            if self.items.is_null(j) {
+                return Err(RecordProblem::WrongType {
+                    field: format!("{field}[{index}]"),
+                    expected: "an object {role, content}",
+                    found: "null".to_string(),
+                });
+            }
             let role = string_at(&self.role, &format!("{field}[{index}].role"), j)?;
             let content = string_at(&self.content, &format!("{field}[{index}].content"), j)?;
             messages.push(Message {

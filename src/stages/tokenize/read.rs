@@ -63,6 +63,7 @@ fn read_shard_into(
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| err(e.to_string()))?;
+    let mut file_row = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| err(e.to_string()))?;
         let column = |name: &str| {
@@ -86,12 +87,12 @@ fn read_shard_into(
             .ok_or_else(|| err("loss_mask items are not bool".into()))?;
         let (id_offsets, mask_offsets) = (ids.value_offsets(), mask.value_offsets());
         for i in 0..batch.num_rows() {
+            file_row += 1;
             let (a, b) = (id_offsets[i] as usize, id_offsets[i + 1] as usize);
             let (c, d) = (mask_offsets[i] as usize, mask_offsets[i + 1] as usize);
             if b - a != d - c {
                 return Err(err(format!(
-                    "row {}: input_ids and loss_mask differ in length",
-                    rows.len() + 1
+                    "row {file_row}: input_ids and loss_mask differ in length"
                 )));
             }
             rows.push(Row {
