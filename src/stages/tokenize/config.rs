@@ -32,7 +32,7 @@ pub const MAX_SEQ_LEN: usize = 1 << 24;
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
     /// Path of a Hugging Face `tokenizer.json` (required). A `tokenizer_config.json` beside
-    /// it, if present, names the BOS/EOS tokens (see [`super::special`]).
+    /// it, if present, names the BOS/EOS tokens (see [`super::tokenizer`]).
     pub tokenizer: String,
     /// The input records (required).
     pub source: SourceConfig,
@@ -62,7 +62,7 @@ pub struct TokenizeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub add_eos: Option<bool>,
     /// Name the BOS token instead of finding it (e.g. `"<|begin_of_text|>"`). Default: found
-    /// by the rule in [`super::special`].
+    /// by the rule in [`super::tokenizer`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token: Option<String>,
     /// Name the EOS token instead of finding it. Default: found as for `bos_token`.
@@ -134,7 +134,8 @@ pub enum ChatTemplate {
     Chatml,
     /// Llama 3: per message `<|start_header_id|>{role}<|end_header_id|>\n\n` +
     /// `{content}<|eot_id|>`, with `content` trimmed of surrounding whitespace as Meta's
-    /// template does. For assistant messages `{content}<|eot_id|>` is trained.
+    /// template does; the `tool` role is written `ipython`, as in Meta's Llama 3.1
+    /// template. For assistant messages `{content}<|eot_id|>` is trained.
     /// `<|begin_of_text|>` is the tokenizer's BOS: it comes from `add_bos`.
     Llama3,
     /// The contents concatenated exactly as they are, nothing added between them; assistant

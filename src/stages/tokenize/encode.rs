@@ -8,8 +8,9 @@
 //! includes predicting `input_ids[i]` from `input_ids[..i]` (the train stage computes
 //! `logits[i-1]` against `input_ids[i]`). This is Hugging Face's convention for `labels`
 //! (`labels[i] = input_ids[i]` where the mask is true, `-100` elsewhere; the shift happens
-//! inside the loss). BOS is never a target (false); EOS is a target when the example's last
-//! piece is (see [`super::template::Rendered::eos_trained`]).
+//! inside the loss). BOS is never a target (false). EOS is a target when the example's
+//! last piece is: always for text and completions, and for a chat when its last message is
+//! trained (an assistant turn, or any turn without `mask_prompt`).
 
 use super::error::RecordProblem;
 use super::template::Rendered;
@@ -30,16 +31,14 @@ pub(crate) fn encode(tok: &StageTokenizer, rendered: &Rendered) -> Result<Encode
         out.mask.push(false);
     }
     for piece in &rendered.pieces {
-        let encoding = tok
-            .tokenizer
-            .encode_fast(piece.text.as_str(), false)
+        let before = out.ids.len();
+        tok.words
+            .encode(&piece.text, &mut out.ids)
             .map_err(|e| RecordProblem::Tokenizer {
                 message: e.to_string(),
             })?;
-        let ids = encoding.get_ids();
-        out.ids.extend_from_slice(ids);
-        out.mask
-            .extend(std::iter::repeat_n(piece.trained, ids.len()));
+        let added = out.ids.len() - before;
+        out.mask.extend(std::iter::repeat_n(piece.trained, added));
     }
     if let Some(eos) = &tok.eos {
         out.ids.push(eos.id);

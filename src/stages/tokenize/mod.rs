@@ -31,6 +31,7 @@ pub mod split;
 mod summary;
 pub mod template;
 pub mod tokenizer;
+mod words;
 
 pub use config::{
     ChatTemplate, FieldSpec, OnBadRecord, SourceConfig, SourceFormat, SplitConfig, TextSplit,

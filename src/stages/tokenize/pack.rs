@@ -14,8 +14,10 @@
 //! packing) or not (without). No token is dropped and none is repeated.
 //!
 //! Rows are not padded: every row has between 1 and `seq_len` tokens; the last rows of a
-//! split, and rows closed early, are shorter. A row's `example_id` is the record index (see
-//! [`super::chunk::RawRecord::index`]) of the example its first token belongs to.
+//! split, and rows closed early, are shorter. A row's `example_id` is the record index of
+//! the example its first token belongs to: the 0-based position of the record among all
+//! records of all input files, in input order (blank lines are not records; bad records
+//! are, so ids stay aligned with the input even when records are skipped).
 
 use super::encode::Encoded;
 

@@ -135,9 +135,13 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// A byte order mark, dropped from the start of a text or JSONL file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 type ReadOutcome = Result<Result<String, Stopped>, TokenizeError>;
 
-/// Reads a text or JSONL file line by line, cutting records by `split`.
+/// Reads a text or JSONL file line by line, cutting records by `split`; a UTF-8 byte order
+/// mark at the start of the file is dropped.
 fn read_lines(
     index: usize,
     file: &InputFile,
@@ -167,6 +171,9 @@ fn read_lines(
         }
         sink.bytes(n as u64);
         line_no += 1;
+        if line_no == 1 && line.starts_with(UTF8_BOM) {
+            line.drain(..UTF8_BOM.len());
+        }
         if split == TextSplit::Document {
             para.extend_from_slice(&line);
             continue;
@@ -280,6 +287,12 @@ mod tests {
             got,
             vec![(1, "a".into()), (4, "b c".into()), (5, "last".into())]
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let got = records(b"\xEF\xBB\xBFfirst\nsecond\n", TextSplit::Line);
+        assert_eq!(got, vec![(1, "first".into()), (2, "second".into())]);
     }
 
     #[test]

@@ -69,6 +69,12 @@ fn render_message(
             out.push("\n", markup);
         }
         ChatTemplate::Llama3 => {
+            // Meta's Llama 3.1 template names the tool role `ipython`.
+            let role = if message.role == Role::Tool {
+                "ipython"
+            } else {
+                role
+            };
             out.push(
                 &format!("<|start_header_id|>{role}<|end_header_id|>\n\n"),
                 markup,
@@ -156,6 +162,19 @@ mod tests {
              <|start_header_id|>assistant<|end_header_id|>\n\nSee you.<|eot_id|>"
         );
         assert_eq!(trained(&r), ["Hello!<|eot_id|>", "See you.<|eot_id|>"]);
+    }
+
+    #[test]
+    fn llama3_names_the_tool_role_ipython() {
+        let c = Content::Chat(vec![Message {
+            role: Role::Tool,
+            content: "42".into(),
+        }]);
+        let r = render(&c, ChatTemplate::Llama3, true);
+        assert_eq!(
+            whole(&r),
+            "<|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|>"
+        );
     }
 
     #[test]

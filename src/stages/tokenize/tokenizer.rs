@@ -24,6 +24,7 @@ use tokenizers::Tokenizer;
 
 use super::config::TokenizeConfig;
 use super::error::TokenizeError;
+use super::words::Words;
 
 const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
 const EOS_NAMES: &[&str] = &[
@@ -45,7 +46,8 @@ pub struct SpecialToken {
 /// The loaded tokenizer and the special tokens the stage adds.
 #[derive(Debug)]
 pub(crate) struct StageTokenizer {
-    pub tokenizer: Tokenizer,
+    /// The tokenizer, with the per-thread word cache of [`super::words`].
+    pub words: Words,
     /// blake3 of `tokenizer.json`'s bytes, hex.
     pub hash: String,
     /// BOS put before every example, if any.
@@ -100,7 +102,7 @@ impl StageTokenizer {
             EOS_NAMES,
         )?;
         Ok(StageTokenizer {
-            tokenizer,
+            words: Words::new(tokenizer),
             hash,
             bos,
             eos,
