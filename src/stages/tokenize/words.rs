@@ -8,34 +8,25 @@
 //! the two). A model with randomness (BPE dropout) is never cached.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ahash::AHashMap;
+use thread_local::ThreadLocal;
 use tokenizers::models::ModelWrapper;
 use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
 
 /// Words cached per thread before the cache is emptied (bounds memory to a few MB/thread).
 const MAX_WORDS: usize = 1 << 18;
 
-/// Distinguishes tokenizers, so a thread's cache is never used with another one.
-static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+/// Word -> ids, for one thread.
+type WordCache = AHashMap<String, Box<[u32]>>;
 
-thread_local! {
-    static CACHE: RefCell<WordCache> = RefCell::new(WordCache::default());
-}
-
-#[derive(Default)]
-struct WordCache {
-    owner: u64,
-    ids: AHashMap<String, Box<[u32]>>,
-}
-
-/// A tokenizer ready for [`Words::encode`].
+/// A tokenizer ready for [`Words::encode`]. The caches live as long as it does, so they are
+/// freed when the stage ends.
 #[derive(Debug)]
 pub(crate) struct Words {
     tokenizer: Tokenizer,
-    owner: u64,
     cacheable: bool,
+    caches: ThreadLocal<RefCell<WordCache>>,
 }
 
 impl Words {
@@ -47,8 +38,8 @@ impl Words {
         };
         Words {
             tokenizer,
-            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             cacheable,
+            caches: ThreadLocal::new(),
         }
     }
 
@@ -72,25 +63,22 @@ impl Words {
             }
             return Ok(());
         }
-        CACHE.with(|cell| {
-            let mut cache = cell.borrow_mut();
-            if cache.owner != self.owner || cache.ids.len() >= MAX_WORDS {
-                cache.owner = self.owner;
-                cache.ids.clear();
+        let mut cache = self.caches.get_or_default().borrow_mut();
+        if cache.len() >= MAX_WORDS {
+            cache.clear();
+        }
+        for (word, _, tokens) in splits {
+            if let Some(tokens) = tokens {
+                out.extend(tokens.iter().map(|t| t.id));
+            } else if let Some(ids) = cache.get(word) {
+                out.extend_from_slice(ids);
+            } else {
+                let ids: Box<[u32]> = model.tokenize(word)?.iter().map(|t| t.id).collect();
+                out.extend_from_slice(&ids);
+                cache.insert(word.to_string(), ids);
             }
-            for (word, _, tokens) in splits {
-                if let Some(tokens) = tokens {
-                    out.extend(tokens.iter().map(|t| t.id));
-                } else if let Some(ids) = cache.ids.get(word) {
-                    out.extend_from_slice(ids);
-                } else {
-                    let ids: Box<[u32]> = model.tokenize(word)?.iter().map(|t| t.id).collect();
-                    out.extend_from_slice(&ids);
-                    cache.ids.insert(word.to_string(), ids);
-                }
-            }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 
