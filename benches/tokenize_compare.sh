@@ -147,9 +147,10 @@ for line in open(sys.argv[1]):
 PY
 )
 TAPER_RSS_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/taper_time.txt")
+TAPER_CPU=$(awk -F': ' '/User time|System time/ {s += $2} END {print s}' "$WORK/taper_time.txt")
 
 # --- (b) Python tokenizers ----------------------------------------------------------------
-read -r PY_TOKENS PY_SECS < <(TOKENIZERS_PARALLELISM=true RAYON_NUM_THREADS=$THREADS \
+read -r PY_TOKENS PY_SECS PY_CPU < <(TOKENIZERS_PARALLELISM=true RAYON_NUM_THREADS=$THREADS \
   taskset -c "$CPUS" python3 - "$CORPUS" "$WORK/ws/tok/tokenizer.json" <<'PY'
 import sys, time
 from tokenizers import Tokenizer
@@ -159,28 +160,30 @@ with open(corpus, encoding="utf-8") as f:
     lines = f.read().split("\n")
 lines = [l for l in lines if l.strip(" \t\n\r\x0c")]
 tokens = 0
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for i in range(0, len(lines), 10_000):
     for enc in tok.encode_batch(lines[i:i + 10_000], add_special_tokens=False):
         tokens += len(enc.ids)
-secs = time.perf_counter() - start
-print(tokens, secs)
+secs, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(tokens, secs, cpu)
 PY
 )
 
 # --- report -------------------------------------------------------------------------------
-python3 - "$TAPER_TOKENS" "$TAPER_WALL" "$TAPER_RSS_KB" "$PY_TOKENS" "$PY_SECS" "$PROFILE" "$CORPUS" <<'PY'
+python3 - "$TAPER_TOKENS" "$TAPER_WALL" "$TAPER_RSS_KB" "$PY_TOKENS" "$PY_SECS" "$PROFILE" "$CORPUS" "$TAPER_CPU" "$PY_CPU" <<'PY'
 import os, platform, sys, datetime
 taper_tokens, taper_secs, rss_kb, py_tokens, py_secs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 profile, corpus = sys.argv[6], sys.argv[7]
+taper_cpu, py_cpu = float(sys.argv[8]), float(sys.argv[9])
 a, b = taper_tokens / taper_secs, py_tokens / py_secs
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 print(f"date:     {datetime.date.today()}")
 print(f"machine:  {cpu}, pinned to 2 CPUs, {platform.system()} {platform.release()}")
 print(f"corpus:   {os.path.getsize(corpus) / 2**20:.1f} MiB, taper profile: {profile}")
 print(f"tokens:   taper {taper_tokens}, python {py_tokens} ({'equal' if taper_tokens == py_tokens else 'DIFFERENT'})")
-print(f"(a) taper tokenize end to end (Parquet written): {taper_secs:8.2f} s  {a:12,.0f} tokens/s")
-print(f"(b) python tokenizers encode_batch only:         {py_secs:8.2f} s  {b:12,.0f} tokens/s")
-print(f"ratio a/b: {a / b:.2f}x (target >= 1.5x)")
+print(f"(a) taper tokenize end to end (Parquet written): {taper_secs:8.2f} s  {a:12,.0f} tokens/s  (CPU {taper_cpu:.1f} s)")
+print(f"(b) python tokenizers encode_batch only:         {py_secs:8.2f} s  {b:12,.0f} tokens/s  (CPU {py_cpu:.1f} s)")
+print(f"ratio a/b: {a / b:.2f}x (target >= 1.5x); per CPU-second: {(taper_tokens / taper_cpu) / (py_tokens / py_cpu):.2f}x")
+print(f"load average now: {os.getloadavg()[0]:.2f} (other work on these CPUs skews wall times)")
 print(f"taper peak RSS: {rss_kb / 1024:.0f} MiB (target < 512 MiB)")
 PY
