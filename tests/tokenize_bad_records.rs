@@ -221,6 +221,67 @@ fn parquet_inputs_read_and_report_rows() {
 }
 
 #[test]
+fn parquet_chat_column_matches_jsonl() {
+    use arrow::array::{Array, ListArray, StructArray};
+    use arrow::buffer::OffsetBuffer;
+    let ws = Workspace::new();
+    let roles: ArrayRef = Arc::new(StringArray::from(vec![
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]));
+    let contents: ArrayRef = Arc::new(StringArray::from(vec!["Hi", "Hello!", "2+2?", "4"]));
+    let items = StructArray::from(vec![
+        (
+            Arc::new(Field::new("role", arrow::datatypes::DataType::Utf8, true)),
+            roles,
+        ),
+        (
+            Arc::new(Field::new(
+                "content",
+                arrow::datatypes::DataType::Utf8,
+                true,
+            )),
+            contents,
+        ),
+    ]);
+    let item_field = Arc::new(Field::new("item", items.data_type().clone(), true));
+    let list = ListArray::try_new(
+        item_field,
+        OffsetBuffer::from_lengths([2, 2]),
+        Arc::new(items),
+        None,
+    )
+    .unwrap();
+    write_parquet(
+        &ws,
+        "pq/chat.parquet",
+        vec![("messages", Arc::new(list) as ArrayRef)],
+    );
+    let m = |r: &str, c: &str| serde_json::json!({"role": r, "content": c});
+    let lines = [
+        serde_json::json!({"messages": [m("user", "Hi"), m("assistant", "Hello!")]}),
+        serde_json::json!({"messages": [m("user", "2+2?"), m("assistant", "4")]}),
+    ];
+    ws.write(
+        "js/chat.jsonl",
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    );
+    let yaml = |path: &str| {
+        format!("tokenizer: tok/tokenizer.json\nsource: {{path: {path}}}\nfield: messages\nsplit: {{valid: 0}}\n")
+    };
+    ws.run_in(&yaml("pq/chat.parquet"), "pq_out", 2).unwrap();
+    ws.run_in(&yaml("js/chat.jsonl"), "js_out", 2).unwrap();
+    let (pq, js) = (
+        ws.rows_with_ids("pq_out", "train"),
+        ws.rows_with_ids("js_out", "train"),
+    );
+    assert_eq!(pq, js);
+    assert!(pq[0].0.loss_mask.iter().any(|m| *m));
+}
+
+#[test]
 fn cancel_stops_the_run() {
     let ws = Workspace::new();
     ws.write("data/a.jsonl", "{\"text\": \"x\"}\n");
