@@ -18,8 +18,16 @@ fn generate(root: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(root.join("out")).expect("mkdir");
     let mut y = String::from("version: 1\nname: generated\nparams: {tag: v1}\nstages:\n");
     for i in 0..n {
-        std::fs::write(root.join(format!("data/in_{i}.txt")), format!("input {i}\n")).expect("write");
-        let extra = if i % 10 == 9 { format!(", out/o_{}.txt", i - 1) } else { String::new() };
+        std::fs::write(
+            root.join(format!("data/in_{i}.txt")),
+            format!("input {i}\n"),
+        )
+        .expect("write");
+        let extra = if i % 10 == 9 {
+            format!(", out/o_{}.txt", i - 1)
+        } else {
+            String::new()
+        };
         let _ = write!(
             y,
             "  s{i}:\n    kind: command\n    inputs: [data/in_{i}.txt{extra}]\n    outputs: [out/o_{i}.txt]\n    with: {{run: \"cp data/in_{i}.txt out/o_{i}.txt # ${{params.tag}}\"}}\n"
@@ -55,7 +63,11 @@ fn record_success(root: &Path, file: &Path) {
             started_at: 0,
             ended_at: Some(0),
             inputs: c.inputs,
-            outputs: vec![FileHash { path: out.clone(), hash: h.hash, bytes: h.bytes }],
+            outputs: vec![FileHash {
+                path: out.clone(),
+                hash: h.hash,
+                bytes: h.bytes,
+            }],
             error: None,
         });
     }
@@ -68,8 +80,19 @@ fn parse_and_plan(root: &Path, file: &Path) -> usize {
     let loaded = taper::cli::load::load(file, &[], Some(root)).expect("valid pipeline");
     let history = History::load(&Ledger::new(&layout)).expect("ledger");
     let mut cache = HashCache::load(&layout);
-    let plan = make_plan(&loaded.pipeline, &loaded.dag, &history, &mut cache, root, &PlanOptions::default()).expect("plan");
-    plan.steps.iter().filter(|s| s.action == Action::Skip).count()
+    let plan = make_plan(
+        &loaded.pipeline,
+        &loaded.dag,
+        &history,
+        &mut cache,
+        root,
+        &PlanOptions::default(),
+    )
+    .expect("plan");
+    plan.steps
+        .iter()
+        .filter(|s| s.action == Action::Skip)
+        .count()
 }
 
 fn bench(c: &mut Criterion) {
@@ -79,8 +102,14 @@ fn bench(c: &mut Criterion) {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = generate(dir.path(), n);
         record_success(dir.path(), &file);
-        assert_eq!(parse_and_plan(dir.path(), &file), n, "every stage must be up to date");
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| b.iter(|| parse_and_plan(dir.path(), &file)));
+        assert_eq!(
+            parse_and_plan(dir.path(), &file),
+            n,
+            "every stage must be up to date"
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| parse_and_plan(dir.path(), &file))
+        });
     }
     group.finish();
 }

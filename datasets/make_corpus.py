@@ -11,8 +11,11 @@ import json
 import random
 
 rng = random.Random(20261126)
-numbers = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+ones = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+        "nineteen"]
+tens = ["", "", "twenty", "thirty"]
+numbers = ones + [tens[n // 10] + ("" if n % 10 == 0 else "-" + ones[n % 10]) for n in range(20, 40)]
 colours = {("red", "blue"): "purple", ("red", "yellow"): "orange", ("blue", "yellow"): "green",
            ("red", "white"): "pink", ("black", "white"): "grey", ("blue", "white"): "light blue"}
 days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -20,10 +23,11 @@ days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sun
 def example():
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randrange(10), rng.randrange(9)
-        q = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?"])
+        a, b = rng.randrange(20), rng.randrange(20)
+        q = rng.choice(["What is {a} plus {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
+                        "Please add {a} to {b}.", "What do {a} and {b} make together?"])
         return q.format(a=numbers[a], b=numbers[b]), f"{numbers[a].capitalize()} plus {numbers[b]} is {numbers[a + b]}."
-    if kind == 1:
+    if kind == 1 and rng.random() < 0.2:
         (x, y), z = rng.choice(sorted(colours.items()))
         q = rng.choice(["What do you get when you mix {x} and {y}?", "Mix {x} with {y}: what colour is it?"])
         return q.format(x=x, y=y), f"Mixing {x} and {y} gives {z}."
@@ -31,9 +35,15 @@ def example():
     q = rng.choice(["What day comes after {d}?", "Which day follows {d}?"])
     return q.format(d=days[d]), f"The day after {days[d]} is {days[(d + 1) % 7]}."
 
+seen = set()
+pairs = []
+while len(pairs) < 1200:  # unique conversations only, so held-out examples are unseen
+    pair = example()
+    if pair not in seen:
+        seen.add(pair)
+        pairs.append(pair)
 with open("chat.jsonl", "w") as f:
-    for i in range(1200):
-        user, assistant = example()
+    for i, (user, assistant) in enumerate(pairs):
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         f.write(json.dumps({"id": i, "messages": msgs}, sort_keys=True) + "\n")
 

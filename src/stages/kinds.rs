@@ -6,7 +6,9 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::tokenize::{self, TokenizeConfig, TokenizeError};
 use crate::spec::de::{did_you_mean, from_node};
+use crate::spec::Pos;
 use crate::spec::{SpecError, Stage};
 use std::path::Path;
 
@@ -35,7 +37,7 @@ pub const KINDS: &[KindInfo] = &[
         name: "tokenize",
         version: 1,
         resumable: false,
-        unavailable: Some("the tokenize stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "train",
@@ -73,6 +75,8 @@ pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
 pub enum StageConfig {
     /// `kind: command`.
     Command(CommandConfig),
+    /// `kind: tokenize`.
+    Tokenize(TokenizeConfig),
 }
 
 impl StageConfig {
@@ -80,6 +84,7 @@ impl StageConfig {
     pub fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         match self {
             StageConfig::Command(c) => command::run(c, ctx),
+            StageConfig::Tokenize(c) => tokenize::stage::run_stage(c, ctx),
         }
     }
 }
@@ -87,7 +92,8 @@ impl StageConfig {
 /// Converts a stage's `with:` block into its kind's typed configuration, with errors that
 /// point into the pipeline file.
 pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
-    let key = format!("stages.{}.with", stage.base_name);
+    let key_base = format!("stages.{}.with", stage.base_name);
+    let key = key_base.clone();
     let Some(info) = kind_info(&stage.kind.name) else {
         let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
         let mut msg = format!("unknown stage kind \"{}\"", stage.kind.name);
@@ -109,6 +115,21 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
         "command" => from_node(&stage.with)
             .map(StageConfig::Command)
             .map_err(de_err),
+        "tokenize" => {
+            let cfg: TokenizeConfig = from_node(&stage.with).map_err(de_err)?;
+            cfg.validate().map_err(|e| match e {
+                TokenizeError::Config { key, message } => {
+                    let pos = node_at(&stage.with, &key).unwrap_or(stage.with.pos);
+                    SpecError::at(file, pos, message)
+                        .stage(&stage.name)
+                        .key(format!("{key_base}.{key}"))
+                }
+                other => SpecError::at(file, stage.with.pos, other.to_string())
+                    .stage(&stage.name)
+                    .key(key_base.clone()),
+            })?;
+            Ok(StageConfig::Tokenize(cfg))
+        }
         other => Err(SpecError::at(
             file,
             stage.kind.pos,
@@ -116,4 +137,13 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
         )
         .stage(&stage.name)),
     }
+}
+
+/// The position of the value at dotted `path` below `node`, if it is there.
+fn node_at(node: &crate::spec::Node, path: &str) -> Option<Pos> {
+    let mut n = node;
+    for part in path.split('.') {
+        n = n.get(part)?;
+    }
+    Some(n.pos)
 }

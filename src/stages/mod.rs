@@ -1,8 +1,10 @@
-//! Stage kinds: one file per kind behind one interface ([`StageConfig::run`]).
+//! Stage kinds: one file (or folder) per kind behind one interface
+//! ([`StageConfig::run`]).
 
 pub mod command;
 pub mod context;
 pub mod kinds;
+pub mod tokenize;
 
 pub use context::{CancelToken, StageContext, StageError, StageEvent, StopReason};
 pub use kinds::{configure, kind_info, KindInfo, StageConfig, KINDS};
