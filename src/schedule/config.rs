@@ -1,6 +1,6 @@
 //! The `schedule:` block of a pipeline file -> a typed [`ScheduleConfig`].
 //!
-//! Two levels, like stage headers: serde reads the block into [`RawSchedule`]
+//! Two levels, like stage headers: serde reads the block into `RawSchedule`
 //! (`deny_unknown_fields`, through `spec::de` so errors carry line:column and key path),
 //! then the cron expression, time zone and folder are checked.
 
