@@ -11,9 +11,11 @@
 
 pub mod cli;
 pub mod exec;
+pub mod export;
 pub mod formats;
 pub mod model;
 pub mod plan;
+pub mod schedule;
 pub mod spec;
 pub mod stages;
 pub mod state;

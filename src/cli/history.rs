@@ -50,7 +50,9 @@ fn duration(r: &RunRow) -> Option<f64> {
 /// A run whose row says `running` but whose process no longer holds the lock was killed.
 fn effective_status(r: &RunRow, layout: &Layout) -> String {
     if r.status == "running"
-        && crate::state::lock::current_holder(layout).map(|h| h.run_id) != Some(r.run_id.clone())
+        && !crate::state::lock::current_holders(layout)
+            .iter()
+            .any(|h| h.run_id == r.run_id)
     {
         "killed".to_string()
     } else {

@@ -2,12 +2,14 @@
 
 pub mod dag;
 pub mod exit;
+pub mod export;
 pub mod history;
 pub mod load;
 pub mod model;
 pub mod plan;
 pub mod reporter;
 pub mod run;
+pub mod schedule;
 
 use clap::{Args, Parser, Subcommand};
 use exit::Failure;
@@ -45,6 +47,10 @@ pub enum Command {
     Show(history::ShowArgs),
     /// Compact the ledger (merge its files) and empty `.taper/trash`.
     Gc,
+    /// Run a pipeline on its `schedule:` (foreground), or list its next fire times.
+    Schedule(schedule::ScheduleArgs),
+    /// Write the pipeline for another scheduler or engine (systemd, Argo Workflows).
+    Export(export::ExportArgs),
     /// Architecture, parameter count, dtypes and tensors of a model or adapter folder.
     Inspect(model::InspectArgs),
     /// One forward pass over token ids; writes the logits as safetensors.
@@ -105,6 +111,8 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Runs(a) => history::runs(&layout, &a),
         Command::Show(a) => history::show(&layout, &a),
         Command::Gc => history::gc(&layout),
+        Command::Schedule(a) => schedule::schedule(&layout, &a),
+        Command::Export(a) => export::export(&layout, &a),
         Command::Inspect(a) => model::inspect(&a),
         Command::Forward(a) => model::forward(&a),
     }

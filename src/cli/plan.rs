@@ -5,7 +5,7 @@ use super::load::load;
 use super::Selection;
 use crate::plan::{make_plan, Action, History, Plan};
 use crate::spec::Pipeline;
-use crate::state::{lock::current_holder, EventRow, HashCache, Layout, Ledger};
+use crate::state::{lock::current_holders, EventRow, HashCache, Layout, Ledger};
 use clap::Args;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -131,11 +131,12 @@ pub fn status(layout: &Layout, a: &StatusArgs) -> Result<i32, Failure> {
     )?;
     // Stages of a run in progress that started and have not finished.
     let mut running = HashSet::new();
-    if let Some(holder) = current_holder(layout) {
+    let holders = current_holders(layout);
+    if !holders.is_empty() {
         for e in ledger
             .read::<EventRow>()?
             .into_iter()
-            .filter(|e| e.run_id == holder.run_id)
+            .filter(|e| holders.iter().any(|h| h.run_id == e.run_id))
         {
             if let Some(stage) = e.stage {
                 if e.event == "stage_started" {

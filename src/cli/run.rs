@@ -32,11 +32,20 @@ pub struct RunArgs {
     /// Override a resource slot's capacity: `--resource gpu=2` (repeatable).
     #[arg(long = "resource", value_name = "NAME=N")]
     pub resources: Vec<String>,
+    /// Attempt each stage once, ignoring `retries:` (exported Argo workflows use it:
+    /// there Argo retries the task's pod).
+    #[arg(long)]
+    pub no_retries: bool,
 }
 
 /// Runs a pipeline.
 pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
-    let loaded = load(&a.pipeline, &a.select.sets, Some(&layout.root))?;
+    let mut loaded = load(&a.pipeline, &a.select.sets, Some(&layout.root))?;
+    if a.no_retries {
+        for s in &mut loaded.pipeline.stages {
+            s.retries = 0;
+        }
+    }
     let mut resources = loaded.pipeline.resources.clone();
     for r in &a.resources {
         let (k, v) = r
@@ -66,7 +75,12 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
         return Ok(exit::SUCCESS);
     }
     let run_id = time::new_run_id();
-    let lock = WorkspaceLock::acquire(layout, &run_id)?;
+    // A full run owns the workspace; `--only` runs (parallel Argo tasks on one volume)
+    // share it, one process per stage.
+    let lock = match &a.select.only {
+        Some(stage) => WorkspaceLock::acquire_shared(layout, &run_id, stage)?,
+        None => WorkspaceLock::acquire(layout, &run_id)?,
+    };
     if let Some(h) = &lock.recovered {
         eprintln!("warning: recovered the workspace lock left by {h}, which is no longer running");
     }
@@ -96,7 +110,7 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
         pipeline_name: loaded.pipeline.name.clone(),
         status: "running".into(),
         trigger: std::env::var("TAPER_TRIGGER").unwrap_or_else(|_| "manual".into()),
-        scheduled_for: None,
+        scheduled_for: loaded.scheduled_for.map(|t| t.as_microsecond()),
         started_at: time::now_micros(),
         ended_at: None,
         args: args.to_string(),
@@ -137,7 +151,13 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
             format!("error: the run could not be recorded: {e}"),
         ));
     }
-    compact_if_large(&ledger);
+    // Compaction deletes the files it merged: only a holder of the exclusive lock may.
+    if !lock.is_shared() {
+        compact_if_large(&ledger);
+    }
+    if status == RunStatus::Success && a.select.only.is_none() {
+        publish_run_folder(layout, &loaded);
+    }
     drop(lock);
     Ok(match status {
         RunStatus::Success => exit::SUCCESS,
@@ -145,6 +165,37 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
         RunStatus::GateFailed => exit::GATE_FAILED,
         RunStatus::Interrupted => exit::INTERRUPTED,
     })
+}
+
+/// After a successful full run: points `<folder>/latest` at this run's folder and
+/// removes run folders beyond `keep_runs`. Problems are warnings: the run succeeded.
+fn publish_run_folder(layout: &Layout, loaded: &super::load::Loaded) {
+    use crate::schedule::folders;
+    let (Some(schedule), Some((run_folder, name))) = (&loaded.schedule, &loaded.run_folder) else {
+        return;
+    };
+    let Some(folder) = &schedule.folder else {
+        return;
+    };
+    if !layout.path(run_folder).is_dir() {
+        return;
+    }
+    if let Err(e) = folders::point_latest(&layout.root, folder, name) {
+        eprintln!("warning: cannot point {folder}/latest at {name}: {e}");
+    }
+    if let Some(keep) = schedule.keep_runs {
+        match folders::prune(&layout.root, folder, keep as usize) {
+            Ok(removed) if !removed.is_empty() => {
+                eprintln!(
+                    "removed {} old run folder(s) of {folder} (keep_runs: {keep}): {}",
+                    removed.len(),
+                    removed.join(", ")
+                );
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: cannot remove old run folders of {folder}: {e}"),
+        }
+    }
 }
 
 /// Keeps reads fast: merges a table's files once it has more than 64.

@@ -63,6 +63,16 @@ struct RawStage {
 
 /// Reads and validates the pipeline file at `file`, applying `--set` overrides.
 pub fn load(file: &Path, overrides: &[String]) -> Result<Pipeline, SpecErrors> {
+    load_with(file, overrides, &[])
+}
+
+/// As [`load`], with extra roots that `${...}` references may use besides `params`
+/// (`run`, for `${run.folder}` of scheduled runs).
+pub fn load_with(
+    file: &Path,
+    overrides: &[String],
+    extra_roots: &[(&str, Node)],
+) -> Result<Pipeline, SpecErrors> {
     let source = std::fs::read_to_string(file).map_err(|e| SpecError {
         file: file.to_path_buf(),
         pos: None,
@@ -71,14 +81,25 @@ pub fn load(file: &Path, overrides: &[String]) -> Result<Pipeline, SpecErrors> {
         message: format!("cannot read the pipeline file: {e}"),
         line_text: None,
     })?;
-    load_str(file, &source, overrides)
+    load_str_with(file, &source, overrides, extra_roots)
 }
 
 /// As [`load`], from text already read.
 pub fn load_str(file: &Path, source: &str, overrides: &[String]) -> Result<Pipeline, SpecErrors> {
+    load_str_with(file, source, overrides, &[])
+}
+
+/// As [`load_with`], from text already read.
+pub fn load_str_with(
+    file: &Path,
+    source: &str,
+    overrides: &[String],
+    extra_roots: &[(&str, Node)],
+) -> Result<Pipeline, SpecErrors> {
     let mut loader = Loader {
         file,
         errors: Vec::new(),
+        extra: extra_roots,
     };
     let pipeline = loader.pipeline(source, overrides);
     if loader.errors.is_empty() {
@@ -97,9 +118,22 @@ pub fn load_str(file: &Path, source: &str, overrides: &[String]) -> Result<Pipel
 struct Loader<'a> {
     file: &'a Path,
     errors: Vec<SpecError>,
+    extra: &'a [(&'a str, Node)],
 }
 
-impl Loader<'_> {
+impl<'a> Loader<'a> {
+    /// `params` and the extra roots.
+    fn scope<'s>(&self, params: &'s Node) -> Scope<'s>
+    where
+        'a: 's,
+    {
+        self.extra
+            .iter()
+            .fold(Scope::new(params), |scope, (name, node)| {
+                scope.with(name, node)
+            })
+    }
+
     fn err(&mut self, pos: Pos, message: impl Into<String>) {
         self.errors.push(SpecError::at(self.file, pos, message));
     }
@@ -261,7 +295,7 @@ impl Loader<'_> {
         }
         let mut node = node.clone();
         if let Err(e) =
-            params::substitute(&mut node, &Scope::new(params), &["item", "key"], &base_path)
+            params::substitute(&mut node, &self.scope(params), &["item", "key"], &base_path)
         {
             self.errors.push(
                 SpecError::at(self.file, e.pos, e.message)
@@ -281,7 +315,7 @@ impl Loader<'_> {
                 None => name.clone(),
             };
             if let Some(item) = &item {
-                let mut scope = Scope::new(params).with("item", item);
+                let mut scope = self.scope(params).with("item", item);
                 if let Some(k) = &key_node {
                     scope = scope.with("key", k);
                 }
@@ -294,7 +328,7 @@ impl Loader<'_> {
                     continue;
                 }
             } else if let Err(e) =
-                params::substitute(&mut stage_node, &Scope::new(params), &[], &base_path)
+                params::substitute(&mut stage_node, &self.scope(params), &[], &base_path)
             {
                 self.errors.push(
                     SpecError::at(self.file, e.pos, e.message)

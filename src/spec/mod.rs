@@ -8,6 +8,8 @@ pub mod node;
 pub mod params;
 
 pub use error::{SpecError, SpecErrors};
-pub use load::{load, load_str, normalize_path, parse_duration, FORMAT_VERSION};
+pub use load::{
+    load, load_str, load_str_with, load_with, normalize_path, parse_duration, FORMAT_VERSION,
+};
 pub use model::{Named, PathDecl, Pipeline, Stage};
 pub use node::{Node, Pos, Value};

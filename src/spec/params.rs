@@ -47,6 +47,8 @@ impl<'a> Scope<'a> {
             let names: Vec<&str> = self.roots.iter().map(|(n, _)| *n).collect();
             let hint = if matches!(root_name, "item" | "key") {
                 " (only inside a stage with `foreach` or `matrix`)".to_string()
+            } else if root_name == "run" {
+                " (`${run.folder}` needs `folder:` in the `schedule:` block)".to_string()
             } else {
                 String::new()
             };

@@ -26,6 +26,14 @@ impl Layout {
     pub fn lock_file(&self) -> PathBuf {
         self.state_dir().join("lock")
     }
+    /// `.taper/locks/` — per-stage locks of `taper run --only` runs.
+    pub fn locks_dir(&self) -> PathBuf {
+        self.state_dir().join("locks")
+    }
+    /// `.taper/locks/<stage>`
+    pub fn stage_lock(&self, stage: &str) -> PathBuf {
+        self.locks_dir().join(stage.replace('/', "_"))
+    }
     /// `.taper/cache/hashes.json`
     pub fn hash_cache(&self) -> PathBuf {
         self.state_dir().join("cache").join("hashes.json")
