@@ -6,6 +6,7 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::train::{self, TrainConfig};
 use crate::spec::de::{did_you_mean, from_node};
 use crate::spec::{SpecError, Stage};
 use std::path::Path;
@@ -39,9 +40,9 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "train",
-        version: 1,
+        version: train::VERSION,
         resumable: true,
-        unavailable: Some("the train stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "eval",
@@ -73,6 +74,8 @@ pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
 pub enum StageConfig {
     /// `kind: command`.
     Command(CommandConfig),
+    /// `kind: train`.
+    Train(Box<TrainConfig>),
 }
 
 impl StageConfig {
@@ -80,6 +83,7 @@ impl StageConfig {
     pub fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         match self {
             StageConfig::Command(c) => command::run(c, ctx),
+            StageConfig::Train(c) => train::run(c, ctx),
         }
     }
 }
@@ -106,8 +110,17 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
     }
     let de_err = |e| SpecError::from_de(file, stage.with.pos, &key, e).stage(&stage.name);
     match info.name {
-        "command" => from_node(&stage.with).map(StageConfig::Command).map_err(de_err),
-        other => Err(SpecError::at(file, stage.kind.pos, format!("stage kind \"{other}\" has no implementation"))
-            .stage(&stage.name)),
+        "command" => from_node(&stage.with)
+            .map(StageConfig::Command)
+            .map_err(de_err),
+        "train" => from_node(&stage.with)
+            .map(StageConfig::Train)
+            .map_err(de_err),
+        other => Err(SpecError::at(
+            file,
+            stage.kind.pos,
+            format!("stage kind \"{other}\" has no implementation"),
+        )
+        .stage(&stage.name)),
     }
 }
