@@ -120,6 +120,11 @@ pub fn run(cfg: &TrainConfig, ctx: &StageContext<'_>) -> Result<(), StageError> 
             .map_err(|e| failed(format!("writing a checkpoint: {e}")))
     };
 
+    if let (0, Some(v)) = (state.step, &valid) {
+        let loss = eval(&trainer, v, cfg.batch_size, &device)?;
+        ctx.metric(0, "eval/loss", loss);
+        log(format!("step 0: eval loss {loss:.4}"));
+    }
     let per_step = cfg.batch_size * cfg.grad_accum;
     while state.step < total {
         if let Some(reason) = ctx.cancel.reason() {
