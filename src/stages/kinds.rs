@@ -110,17 +110,9 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
     }
     let de_err = |e| SpecError::from_de(file, stage.with.pos, &key, e).stage(&stage.name);
     match info.name {
-        "command" => from_node(&stage.with)
-            .map(StageConfig::Command)
-            .map_err(de_err),
-        "train" => from_node(&stage.with)
-            .map(StageConfig::Train)
-            .map_err(de_err),
-        other => Err(SpecError::at(
-            file,
-            stage.kind.pos,
-            format!("stage kind \"{other}\" has no implementation"),
-        )
-        .stage(&stage.name)),
+        "command" => from_node(&stage.with).map(StageConfig::Command).map_err(de_err),
+        "train" => from_node(&stage.with).map(StageConfig::Train).map_err(de_err),
+        other => Err(SpecError::at(file, stage.kind.pos, format!("stage kind \"{other}\" has no implementation"))
+            .stage(&stage.name)),
     }
 }
