@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::FormatError;
-use super::{mlx, peft};
+use super::{mlx, native, peft};
 use crate::model::lora_config::LoraConfig;
 
 /// Adapter layouts taper reads.
@@ -21,6 +21,8 @@ pub enum AdapterFormat {
     Peft,
     /// mlx-lm: `adapter_config.json` + `adapters.safetensors`.
     Mlx,
+    /// taper's own: `adapter_config.json` + `adapter.safetensors`.
+    Native,
 }
 
 impl std::fmt::Display for AdapterFormat {
@@ -28,6 +30,7 @@ impl std::fmt::Display for AdapterFormat {
         f.write_str(match self {
             Self::Peft => "peft",
             Self::Mlx => "mlx",
+            Self::Native => "taper",
         })
     }
 }
@@ -84,6 +87,9 @@ pub fn detect_format(dir: &Path) -> Result<AdapterFormat, FormatError> {
     if !dir.join(ADAPTER_CONFIG).is_file() {
         return Err(unknown("no adapter_config.json"));
     }
+    if dir.join(native::WEIGHTS).is_file() {
+        return Ok(AdapterFormat::Native);
+    }
     let peft = dir.join(peft::WEIGHTS).is_file();
     let mlx = dir.join(mlx::WEIGHTS).is_file();
     match (peft, mlx) {
@@ -105,9 +111,10 @@ pub fn detect_format(dir: &Path) -> Result<AdapterFormat, FormatError> {
             })
         }
         (false, false) => Err(unknown(&format!(
-            "no {} or {} next to adapter_config.json",
+            "no {}, {} or {} next to adapter_config.json",
             peft::WEIGHTS,
-            mlx::WEIGHTS
+            mlx::WEIGHTS,
+            native::WEIGHTS
         ))),
     }
 }
@@ -117,6 +124,7 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter, FormatError> {
     match detect_format(dir)? {
         AdapterFormat::Peft => peft::read(dir),
         AdapterFormat::Mlx => mlx::read(dir),
+        AdapterFormat::Native => native::read(dir),
     }
 }
 
@@ -125,6 +133,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
     Ok(match detect_format(dir)? {
         AdapterFormat::Peft => vec![dir.join(peft::WEIGHTS)],
         AdapterFormat::Mlx => vec![dir.join(mlx::WEIGHTS)],
+        AdapterFormat::Native => vec![dir.join(native::WEIGHTS)],
     })
 }
 

@@ -12,7 +12,7 @@ use super::attention::Attention;
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::frozen::FrozenLinear;
-use super::lora::LoraLinear;
+use super::lora::{DropoutSeed, LoraLinear};
 use super::mask::attention_bias;
 use super::mlp::Mlp;
 use super::norm::{internal_dtype, RmsNorm};
@@ -139,6 +139,14 @@ impl Llama {
                 .into_iter()
                 .chain(l.mlp.linears_mut())
         })
+    }
+
+    /// Makes LoRA dropout of every projection reproducible from `seed` (see
+    /// [`DropoutSeed`]); `None` goes back to candle's unseeded dropout.
+    pub fn set_dropout_seed(&mut self, seed: Option<DropoutSeed>) {
+        for linear in self.linears_mut() {
+            linear.set_dropout_seed(seed.clone());
+        }
     }
 
     /// Logits `[batch, seq, vocab]` in the compute dtype for `input_ids` `[batch, seq]`

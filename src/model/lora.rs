@@ -2,7 +2,12 @@
 //! `y = W x (+ b) + s · B(A(dropout(x)))`, with `A` `[r, in]` and `B` `[out, r]` as in
 //! PEFT. The branch runs in its own dtype (f32 for an f32 or half model, like PEFT's
 //! autocast adapter dtype), and the sum is formed in that dtype before casting back.
-//! Dropout is applied only when training.
+//! Dropout is applied only when training. With a [`DropoutSeed`] attached the mask is a
+//! pure function of the seed's current value and the module name, so a training run can
+//! be replayed bit for bit; without one, candle's (unseeded) dropout is used.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{Module, ModuleT, Tensor};
 
@@ -29,12 +34,69 @@ impl LoraBranch {
     }
 }
 
+/// A shared, settable seed for reproducible dropout masks. The trainer sets a fresh
+/// value (from its own saved RNG) before each forward pass; every module then derives its
+/// mask from that value and its name.
+#[derive(Clone, Debug, Default)]
+pub struct DropoutSeed(Arc<AtomicU64>);
+
+impl DropoutSeed {
+    pub fn new(seed: u64) -> Self {
+        Self(Arc::new(AtomicU64::new(seed)))
+    }
+
+    pub fn set(&self, seed: u64) {
+        self.0.store(seed, Ordering::SeqCst)
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// SplitMix64: one step of the generator whose state is `state`.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout with a mask drawn from `seed`: each element is kept with probability
+/// `1 - p` and scaled by `1 / (1 - p)`, as candle's and PyTorch's dropout do.
+fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    let mut state = seed;
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            // 24 random bits -> uniform in [0, 1), exact in f32.
+            let u = (splitmix64(&mut state) >> 40) as f32 / (1u32 << 24) as f32;
+            if u >= p {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// FNV-1a of a module name, to give each module its own mask stream.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// One projection of a decoder block: frozen base plus an optional LoRA branch.
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
     name: String,
     base: FrozenLinear,
     lora: Option<LoraBranch>,
+    dropout_seed: Option<DropoutSeed>,
 }
 
 impl LoraLinear {
@@ -44,7 +106,14 @@ impl LoraLinear {
             name: name.into(),
             base,
             lora: None,
+            dropout_seed: None,
         }
+    }
+
+    /// Makes training-time dropout reproducible from `seed` (or, with `None`, candle's
+    /// unseeded dropout again).
+    pub fn set_dropout_seed(&mut self, seed: Option<DropoutSeed>) {
+        self.dropout_seed = seed;
     }
 
     /// Loads the frozen base; the module name is the weights prefix.
@@ -104,7 +173,13 @@ impl ModuleT for LoraLinear {
         let y = self.base.forward(x)?;
         let Some(l) = &self.lora else { return Ok(y) };
         let x = if train && l.dropout > 0.0 {
-            candle_nn::ops::dropout(x, l.dropout)?
+            match &self.dropout_seed {
+                Some(seed) => {
+                    let mut state = seed.get() ^ name_hash(&self.name);
+                    seeded_dropout(x, l.dropout, splitmix64(&mut state))?
+                }
+                None => candle_nn::ops::dropout(x, l.dropout)?,
+            }
         } else {
             x.clone()
         };
@@ -166,6 +241,43 @@ mod tests {
             err.to_string().contains("model.layers.0.mlp.up_proj"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn seeded_dropout_repeats_per_seed_and_differs_per_module() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((4, 64), DType::F32, &dev).unwrap();
+        let branch = LoraBranch {
+            a: Tensor::eye(64, DType::F32, &dev).unwrap(),
+            b: Tensor::eye(64, DType::F32, &dev).unwrap(),
+            scale: 1.0,
+            dropout: 0.5,
+        };
+        let zero = Tensor::zeros((64, 64), DType::F32, &dev).unwrap();
+        let layer = |name: &str, seed: &DropoutSeed| {
+            let mut l = LoraLinear::new(name, FrozenLinear::new(zero.clone(), None));
+            l.set_lora(Some(branch.clone())).unwrap();
+            l.set_dropout_seed(Some(seed.clone()));
+            l
+        };
+        let seed = DropoutSeed::new(1);
+        let out = |l: &LoraLinear| {
+            l.forward_t(&x, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (q, v) = (layer("m.q_proj", &seed), layer("m.v_proj", &seed));
+        let first = out(&q);
+        assert_eq!(first, out(&q), "same seed, same mask");
+        assert_ne!(first, out(&v), "another module, another mask");
+        assert!(first.iter().all(|&y| y == 0.0 || y == 2.0));
+        let kept = first.iter().filter(|&&y| y == 2.0).count();
+        assert!((96..160).contains(&kept), "kept {kept} of 256 at p = 0.5");
+        seed.set(2);
+        assert_ne!(first, out(&q), "new seed, new mask");
     }
 
     #[test]

@@ -28,5 +28,6 @@ pub use error::ModelError;
 pub use inspect::{inspect, InspectKind, InspectReport};
 pub use llama::Llama;
 pub use load::{load_model, parse_compute_dtype, ModelDir};
+pub use lora::DropoutSeed;
 pub use lora_config::{LayerSelection, LoraConfig, Targets};
 pub use loss::causal_lm_loss;

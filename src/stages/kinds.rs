@@ -7,6 +7,7 @@
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
 use super::tokenize::{self, TokenizeConfig, TokenizeError};
+use super::train::{self, TrainConfig};
 use crate::spec::de::{did_you_mean, from_node};
 use crate::spec::Pos;
 use crate::spec::{SpecError, Stage};
@@ -41,9 +42,9 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "train",
-        version: 1,
+        version: train::VERSION,
         resumable: true,
-        unavailable: Some("the train stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "eval",
@@ -77,6 +78,8 @@ pub enum StageConfig {
     Command(CommandConfig),
     /// `kind: tokenize`.
     Tokenize(TokenizeConfig),
+    /// `kind: train`.
+    Train(Box<TrainConfig>),
 }
 
 impl StageConfig {
@@ -85,6 +88,7 @@ impl StageConfig {
         match self {
             StageConfig::Command(c) => command::run(c, ctx),
             StageConfig::Tokenize(c) => tokenize::stage::run_stage(c, ctx),
+            StageConfig::Train(c) => train::run(c, ctx),
         }
     }
 }
@@ -130,6 +134,9 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
             })?;
             Ok(StageConfig::Tokenize(cfg))
         }
+        "train" => from_node(&stage.with)
+            .map(StageConfig::Train)
+            .map_err(de_err),
         other => Err(SpecError::at(
             file,
             stage.kind.pos,

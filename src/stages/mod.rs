@@ -5,6 +5,7 @@ pub mod command;
 pub mod context;
 pub mod kinds;
 pub mod tokenize;
+pub mod train;
 
 pub use context::{CancelToken, StageContext, StageError, StageEvent, StopReason};
 pub use kinds::{configure, kind_info, KindInfo, StageConfig, KINDS};
