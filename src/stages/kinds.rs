@@ -6,6 +6,8 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::merge::{self, MergeConfig};
+use super::migrate::{self, MigrateConfig};
 use crate::spec::de::{did_you_mean, from_node};
 use crate::spec::{SpecError, Stage};
 use std::path::Path;
@@ -51,15 +53,15 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "migrate",
-        version: 1,
+        version: migrate::VERSION,
         resumable: false,
-        unavailable: Some("the migrate stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "merge",
-        version: 1,
+        version: merge::VERSION,
         resumable: false,
-        unavailable: Some("the merge stage is not supported yet"),
+        unavailable: None,
     },
 ];
 
@@ -73,6 +75,10 @@ pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
 pub enum StageConfig {
     /// `kind: command`.
     Command(CommandConfig),
+    /// `kind: migrate`.
+    Migrate(MigrateConfig),
+    /// `kind: merge`.
+    Merge(MergeConfig),
 }
 
 impl StageConfig {
@@ -80,6 +86,8 @@ impl StageConfig {
     pub fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         match self {
             StageConfig::Command(c) => command::run(c, ctx),
+            StageConfig::Migrate(c) => migrate::run(c, ctx),
+            StageConfig::Merge(c) => merge::run(c, ctx),
         }
     }
 }
@@ -106,8 +114,20 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
     }
     let de_err = |e| SpecError::from_de(file, stage.with.pos, &key, e).stage(&stage.name);
     match info.name {
-        "command" => from_node(&stage.with).map(StageConfig::Command).map_err(de_err),
-        other => Err(SpecError::at(file, stage.kind.pos, format!("stage kind \"{other}\" has no implementation"))
-            .stage(&stage.name)),
+        "command" => from_node(&stage.with)
+            .map(StageConfig::Command)
+            .map_err(de_err),
+        "migrate" => from_node(&stage.with)
+            .map(StageConfig::Migrate)
+            .map_err(de_err),
+        "merge" => from_node(&stage.with)
+            .map(StageConfig::Merge)
+            .map_err(de_err),
+        other => Err(SpecError::at(
+            file,
+            stage.kind.pos,
+            format!("stage kind \"{other}\" has no implementation"),
+        )
+        .stage(&stage.name)),
     }
 }

@@ -3,6 +3,8 @@
 pub mod command;
 pub mod context;
 pub mod kinds;
+pub mod merge;
+pub mod migrate;
 
 pub use context::{CancelToken, StageContext, StageError, StageEvent, StopReason};
 pub use kinds::{configure, kind_info, KindInfo, StageConfig, KINDS};
