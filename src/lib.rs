@@ -5,8 +5,15 @@
 //! stage kind) -> [`model`] / [`formats`] (candle model code, adapter files) -> [`state`]
 //! (the Parquet ledger). [`cli`] drives it all. See ARCHITECTURE.md for the map.
 
+// Errors that point into a pipeline file carry the file, position, stage, key and the
+// quoted line; they are built on the cold path only, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod cli;
+pub mod exec;
 pub mod formats;
 pub mod model;
+pub mod plan;
 pub mod spec;
 pub mod stages;
 pub mod state;

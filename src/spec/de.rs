@@ -62,7 +62,10 @@ pub fn unknown_message(what: &str, got: &str, expected: &[&str]) -> String {
 }
 
 /// The candidate closest to `got`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(got: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    got: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(got, c), c))
@@ -286,9 +289,12 @@ impl<'de, I: Iterator<Item = &'de Node>> de::SeqAccess<'de> for SeqDe<I> {
         };
         let path = format!("{}[{}]", self.path, self.index);
         self.index += 1;
-        seed.deserialize(NodeDe { node, path: path.clone() })
-            .map(Some)
-            .map_err(|e| claim(e, node.pos, &path))
+        seed.deserialize(NodeDe {
+            node,
+            path: path.clone(),
+        })
+        .map(Some)
+        .map_err(|e| claim(e, node.pos, &path))
     }
 }
 
@@ -304,7 +310,10 @@ where
 {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
         let Some((key, node)) = self.entries.next() else {
             return Ok(None);
         };
@@ -320,8 +329,11 @@ where
         let Some((node, path)) = self.value.take() else {
             return Err(DeError::custom("value requested before key"));
         };
-        seed.deserialize(NodeDe { node, path: path.clone() })
-            .map_err(|e| claim(e, node.pos, &path))
+        seed.deserialize(NodeDe {
+            node,
+            path: path.clone(),
+        })
+        .map_err(|e| claim(e, node.pos, &path))
     }
 }
 
@@ -336,7 +348,10 @@ impl<'de> de::EnumAccess<'de> for EnumDe<'de> {
     type Error = DeError;
     type Variant = NodeDe<'de>;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, NodeDe<'de>), DeError> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, NodeDe<'de>), DeError> {
         let key_de: de::value::StrDeserializer<'_, DeError> = self.variant.into_deserializer();
         let v = seed
             .deserialize(key_de)
@@ -419,7 +434,11 @@ mod tests {
         let e = from_node::<Cfg>(&n).unwrap_err();
         assert_eq!(e.pos, Some(Pos { line: 3, col: 3 }));
         assert_eq!(e.path.as_deref(), Some("optimizer.betass"));
-        assert!(e.message.contains("did you mean \"betas\""), "{}", e.message);
+        assert!(
+            e.message.contains("did you mean \"betas\""),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -444,6 +463,10 @@ mod tests {
         let n = parse("optimizer: {lr: 1}\ndecay: cosin\n").unwrap();
         let e = from_node::<Cfg>(&n).unwrap_err();
         assert_eq!(e.pos, Some(Pos { line: 2, col: 8 }));
-        assert!(e.message.contains("did you mean \"cosine\""), "{}", e.message);
+        assert!(
+            e.message.contains("did you mean \"cosine\""),
+            "{}",
+            e.message
+        );
     }
 }

@@ -86,7 +86,11 @@ pub fn load_str(file: &Path, source: &str, overrides: &[String]) -> Result<Pipel
             return Ok(p);
         }
     }
-    let errors = loader.errors.into_iter().map(|e| e.with_source(source)).collect();
+    let errors = loader
+        .errors
+        .into_iter()
+        .map(|e| e.with_source(source))
+        .collect();
     Err(SpecErrors(errors))
 }
 
@@ -122,7 +126,10 @@ impl Loader<'_> {
             }
         };
         let Some(entries) = root.as_map() else {
-            self.err(root.pos, format!("a pipeline file is a mapping, found {}", root.type_name()));
+            self.err(
+                root.pos,
+                format!("a pipeline file is a mapping, found {}", root.type_name()),
+            );
             return None;
         };
         for (k, _) in entries {
@@ -133,7 +140,10 @@ impl Loader<'_> {
         }
         let version = match root.get("version") {
             None => {
-                self.err(root.pos, format!("missing key `version` (this taper reads version {FORMAT_VERSION})"));
+                self.err(
+                    root.pos,
+                    format!("missing key `version` (this taper reads version {FORMAT_VERSION})"),
+                );
                 FORMAT_VERSION
             }
             Some(n) => match n.value {
@@ -149,9 +159,15 @@ impl Loader<'_> {
             },
         };
         let name = match root.get("name") {
-            Some(Node { value: Value::Str(s), .. }) if !s.trim().is_empty() => s.clone(),
+            Some(Node {
+                value: Value::Str(s),
+                ..
+            }) if !s.trim().is_empty() => s.clone(),
             Some(n) => {
-                self.push(SpecError::at(self.file, n.pos, "`name` must be a non-empty string").key("name"));
+                self.push(
+                    SpecError::at(self.file, n.pos, "`name` must be a non-empty string")
+                        .key("name"),
+                );
                 String::new()
             }
             None => {
@@ -161,7 +177,12 @@ impl Loader<'_> {
         };
         let mut params = match root.get("params") {
             None => params::empty(),
-            Some(n @ Node { value: Value::Map(_), .. }) => n.clone(),
+            Some(
+                n @ Node {
+                    value: Value::Map(_),
+                    ..
+                },
+            ) => n.clone(),
             Some(n) if matches!(n.value, Value::Null) => params::empty(),
             Some(n) => {
                 let msg = format!("`params` must be a mapping, found {}", n.type_name());
@@ -184,7 +205,8 @@ impl Loader<'_> {
         let resources: BTreeMap<String, u32> = match root.get("resources") {
             None => BTreeMap::new(),
             Some(n) => from_node(n).unwrap_or_else(|e| {
-                self.errors.push(SpecError::from_de(self.file, n.pos, "resources", e));
+                self.errors
+                    .push(SpecError::from_de(self.file, n.pos, "resources", e));
                 BTreeMap::new()
             }),
         };
@@ -198,7 +220,10 @@ impl Loader<'_> {
             }
             Some(_) => {
                 let n = stages_node.expect("matched Some");
-                let msg = format!("`stages` must be a mapping of stage name to stage, found {}", n.type_name());
+                let msg = format!(
+                    "`stages` must be a mapping of stage name to stage, found {}",
+                    n.type_name()
+                );
                 self.push(SpecError::at(self.file, n.pos, msg).key("stages"));
             }
             None => {
@@ -235,8 +260,14 @@ impl Loader<'_> {
             return;
         }
         let mut node = node.clone();
-        if let Err(e) = params::substitute(&mut node, &Scope::new(params), &["item", "key"], &base_path) {
-            self.errors.push(SpecError::at(self.file, e.pos, e.message).stage(name).key(e.path));
+        if let Err(e) =
+            params::substitute(&mut node, &Scope::new(params), &["item", "key"], &base_path)
+        {
+            self.errors.push(
+                SpecError::at(self.file, e.pos, e.message)
+                    .stage(name)
+                    .key(e.path),
+            );
             return;
         }
         let fanout = match self.fanout(name, &node) {
@@ -255,14 +286,26 @@ impl Loader<'_> {
                     scope = scope.with("key", k);
                 }
                 if let Err(e) = params::substitute(&mut stage_node, &scope, &[], &base_path) {
-                    self.errors.push(SpecError::at(self.file, e.pos, e.message).stage(&full_name).key(e.path));
+                    self.errors.push(
+                        SpecError::at(self.file, e.pos, e.message)
+                            .stage(&full_name)
+                            .key(e.path),
+                    );
                     continue;
                 }
-            } else if let Err(e) = params::substitute(&mut stage_node, &Scope::new(params), &[], &base_path) {
-                self.errors.push(SpecError::at(self.file, e.pos, e.message).stage(&full_name).key(e.path));
+            } else if let Err(e) =
+                params::substitute(&mut stage_node, &Scope::new(params), &[], &base_path)
+            {
+                self.errors.push(
+                    SpecError::at(self.file, e.pos, e.message)
+                        .stage(&full_name)
+                        .key(e.path),
+                );
                 continue;
             }
-            if let Some(stage) = self.stage_header(&full_name, name, key.pos, &stage_node, item.as_ref()) {
+            if let Some(stage) =
+                self.stage_header(&full_name, name, key.pos, &stage_node, item.as_ref())
+            {
                 out.push(stage);
             }
         }
@@ -271,13 +314,24 @@ impl Loader<'_> {
     /// The fan-out of a stage: `(name suffix, item, key)` per generated stage; one entry
     /// with no suffix when the stage has no `foreach`/`matrix`.
     #[allow(clippy::type_complexity)]
-    fn fanout(&mut self, name: &str, node: &Node) -> Option<Vec<(Option<String>, Option<Node>, Option<Node>)>> {
+    fn fanout(
+        &mut self,
+        name: &str,
+        node: &Node,
+    ) -> Option<Vec<(Option<String>, Option<Node>, Option<Node>)>> {
         let foreach = node.get("foreach");
         let matrix = node.get("matrix");
         match (foreach, matrix) {
             (None, None) => Some(vec![(None, None, None)]),
             (Some(_), Some(m)) => {
-                self.push(SpecError::at(self.file, m.pos, "a stage has either `foreach` or `matrix`, not both").stage(name));
+                self.push(
+                    SpecError::at(
+                        self.file,
+                        m.pos,
+                        "a stage has either `foreach` or `matrix`, not both",
+                    )
+                    .stage(name),
+                );
                 None
             }
             (Some(f), None) => match &f.value {
@@ -298,22 +352,42 @@ impl Loader<'_> {
                         .collect(),
                 ),
                 _ => {
-                    let msg = format!("`foreach` must be a non-empty list or mapping, found {}", f.type_name());
-                    self.push(SpecError::at(self.file, f.pos, msg).stage(name).key(format!("stages.{name}.foreach")));
+                    let msg = format!(
+                        "`foreach` must be a non-empty list or mapping, found {}",
+                        f.type_name()
+                    );
+                    self.push(
+                        SpecError::at(self.file, f.pos, msg)
+                            .stage(name)
+                            .key(format!("stages.{name}.foreach")),
+                    );
                     None
                 }
             },
             (None, Some(m)) => {
                 let Some(axes) = m.as_map().filter(|a| !a.is_empty()) else {
                     let msg = "`matrix` must be a mapping of name to a non-empty list of values";
-                    self.push(SpecError::at(self.file, m.pos, msg).stage(name).key(format!("stages.{name}.matrix")));
+                    self.push(
+                        SpecError::at(self.file, m.pos, msg)
+                            .stage(name)
+                            .key(format!("stages.{name}.matrix")),
+                    );
                     return None;
                 };
-                let mut combos: Vec<(Vec<String>, Vec<(Key, Node)>)> = vec![(Vec::new(), Vec::new())];
+                let mut combos: Vec<(Vec<String>, Vec<(Key, Node)>)> =
+                    vec![(Vec::new(), Vec::new())];
                 for (axis, values) in axes {
                     let Value::Seq(vals) = &values.value else {
-                        let msg = format!("matrix axis `{}` must be a list, found {}", axis.name, values.type_name());
-                        self.push(SpecError::at(self.file, values.pos, msg).stage(name).key(format!("stages.{name}.matrix.{}", axis.name)));
+                        let msg = format!(
+                            "matrix axis `{}` must be a list, found {}",
+                            axis.name,
+                            values.type_name()
+                        );
+                        self.push(
+                            SpecError::at(self.file, values.pos, msg)
+                                .stage(name)
+                                .key(format!("stages.{name}.matrix.{}", axis.name)),
+                        );
                         return None;
                     };
                     let mut next = Vec::with_capacity(combos.len() * vals.len());
@@ -341,12 +415,20 @@ impl Loader<'_> {
         }
     }
 
-    fn stage_header(&mut self, name: &str, base: &str, pos: Pos, node: &Node, item: Option<&Node>) -> Option<Stage> {
+    fn stage_header(
+        &mut self,
+        name: &str,
+        base: &str,
+        pos: Pos,
+        node: &Node,
+        item: Option<&Node>,
+    ) -> Option<Stage> {
         let base_path = format!("stages.{base}");
         let raw: RawStage = match from_node(node) {
             Ok(r) => r,
             Err(e) => {
-                self.errors.push(SpecError::from_de(self.file, node.pos, &base_path, e).stage(name));
+                self.errors
+                    .push(SpecError::from_de(self.file, node.pos, &base_path, e).stage(name));
                 return None;
             }
         };
@@ -391,7 +473,11 @@ impl Loader<'_> {
                 Ok(d) => Some(d),
                 Err(msg) => {
                     let pos = node.get(key).map(|n| n.pos).unwrap_or(node.pos);
-                    this.errors.push(SpecError::at(this.file, pos, msg).stage(name).key(format!("{base_path}.{key}")));
+                    this.errors.push(
+                        SpecError::at(this.file, pos, msg)
+                            .stage(name)
+                            .key(format!("{base_path}.{key}")),
+                    );
                     None
                 }
             }
@@ -429,8 +515,15 @@ impl Loader<'_> {
         for s in stages.iter() {
             if by_name.insert(&s.name, s).is_some() {
                 self.errors.push(
-                    SpecError::at(self.file, s.pos, format!("two stages are named \"{}\" (fan-out values must differ)", s.name))
-                        .stage(&s.name),
+                    SpecError::at(
+                        self.file,
+                        s.pos,
+                        format!(
+                            "two stages are named \"{}\" (fan-out values must differ)",
+                            s.name
+                        ),
+                    )
+                    .stage(&s.name),
                 );
             }
             bases.entry(&s.base_name).or_default().push(&s.name);
@@ -451,25 +544,39 @@ impl Loader<'_> {
                     if let Some(best) = did_you_mean(&n.name, bases.keys().copied()) {
                         msg.push_str(&format!(" (did you mean \"{best}\"?)"));
                     }
-                    self.errors
-                        .push(SpecError::at(self.file, n.pos, msg).stage(&s.name).key(format!("stages.{}.needs", s.base_name)));
+                    self.errors.push(
+                        SpecError::at(self.file, n.pos, msg)
+                            .stage(&s.name)
+                            .key(format!("stages.{}.needs", s.base_name)),
+                    );
                 }
             }
             expanded_needs.push(needs);
             for (slot, amount) in &s.resources {
                 match resources.get(slot) {
                     None => {
-                        let mut msg = format!("resource \"{slot}\" is not declared in the top-level `resources`");
-                        if let Some(best) = did_you_mean(slot, resources.keys().map(String::as_str)) {
+                        let mut msg = format!(
+                            "resource \"{slot}\" is not declared in the top-level `resources`"
+                        );
+                        if let Some(best) = did_you_mean(slot, resources.keys().map(String::as_str))
+                        {
                             msg.push_str(&format!(" (did you mean \"{best}\"?)"));
                         }
-                        self.errors
-                            .push(SpecError::at(self.file, s.pos, msg).stage(&s.name).key(format!("stages.{}.resources.{slot}", s.base_name)));
+                        self.errors.push(
+                            SpecError::at(self.file, s.pos, msg)
+                                .stage(&s.name)
+                                .key(format!("stages.{}.resources.{slot}", s.base_name)),
+                        );
                     }
                     Some(cap) if amount > cap => {
-                        let msg = format!("asks for {amount} of resource \"{slot}\" but only {cap} exist");
-                        self.errors
-                            .push(SpecError::at(self.file, s.pos, msg).stage(&s.name).key(format!("stages.{}.resources.{slot}", s.base_name)));
+                        let msg = format!(
+                            "asks for {amount} of resource \"{slot}\" but only {cap} exist"
+                        );
+                        self.errors.push(
+                            SpecError::at(self.file, s.pos, msg)
+                                .stage(&s.name)
+                                .key(format!("stages.{}.resources.{slot}", s.base_name)),
+                        );
                     }
                     Some(_) => {}
                 }
@@ -491,19 +598,33 @@ impl Loader<'_> {
             let nested = o2.path.starts_with(&format!("{}/", o1.path));
             if o1.path == o2.path || nested {
                 let what = if nested {
-                    format!("output \"{}\" lies inside output \"{}\" of stage \"{s1}\"", o2.path, o1.path)
+                    format!(
+                        "output \"{}\" lies inside output \"{}\" of stage \"{s1}\"",
+                        o2.path, o1.path
+                    )
                 } else {
-                    format!("output \"{}\" is also written by stage \"{s1}\" (line {})", o2.path, o1.pos.line)
+                    format!(
+                        "output \"{}\" is also written by stage \"{s1}\" (line {})",
+                        o2.path, o1.pos.line
+                    )
                 };
-                self.errors.push(SpecError::at(self.file, o2.pos, what).stage(s2));
+                self.errors
+                    .push(SpecError::at(self.file, o2.pos, what).stage(s2));
             }
         }
         for s in stages.iter() {
             for i in &s.inputs {
                 for o in &s.outputs {
-                    if i.path == o.path || o.path.starts_with(&format!("{}/", i.path)) || i.path.starts_with(&format!("{}/", o.path)) {
-                        let msg = format!("input \"{}\" overlaps output \"{}\" of the same stage", i.path, o.path);
-                        self.errors.push(SpecError::at(self.file, i.pos, msg).stage(&s.name));
+                    if i.path == o.path
+                        || o.path.starts_with(&format!("{}/", i.path))
+                        || i.path.starts_with(&format!("{}/", o.path))
+                    {
+                        let msg = format!(
+                            "input \"{}\" overlaps output \"{}\" of the same stage",
+                            i.path, o.path
+                        );
+                        self.errors
+                            .push(SpecError::at(self.file, i.pos, msg).stage(&s.name));
                     }
                 }
             }
@@ -532,7 +653,9 @@ pub fn normalize_path(p: &str) -> Result<String, String> {
         return Err("empty path".into());
     }
     if p.starts_with('/') {
-        return Err(format!("path \"{p}\" is absolute; paths are relative to the workspace"));
+        return Err(format!(
+            "path \"{p}\" is absolute; paths are relative to the workspace"
+        ));
     }
     let mut parts = Vec::new();
     for part in p.split('/') {
@@ -540,7 +663,9 @@ pub fn normalize_path(p: &str) -> Result<String, String> {
             "" | "." => {}
             ".." => return Err(format!("path \"{p}\" leaves the workspace (`..`)")),
             ".taper" if parts.is_empty() => {
-                return Err(format!("path \"{p}\" is inside taper's state folder `.taper`"))
+                return Err(format!(
+                    "path \"{p}\" is inside taper's state folder `.taper`"
+                ))
             }
             other => parts.push(other),
         }
@@ -559,7 +684,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(t).map_err(|e| format!("invalid duration \"{t}\" ({e}); write e.g. 30s, 5m, 1h"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration \"{t}\" ({e}); write e.g. 30s, 5m, 1h"))
 }
 
 #[cfg(test)]
@@ -577,9 +703,21 @@ mod tests {
         )
         .unwrap();
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["sweep@lr=1e-4,r=8", "sweep@lr=1e-4,r=16", "sweep@lr=3e-4,r=8", "sweep@lr=3e-4,r=16", "after"]);
+        assert_eq!(
+            names,
+            [
+                "sweep@lr=1e-4,r=8",
+                "sweep@lr=1e-4,r=16",
+                "sweep@lr=3e-4,r=8",
+                "sweep@lr=3e-4,r=16",
+                "after"
+            ]
+        );
         assert_eq!(p.stages[2].outputs[0].path, "out/3e-4-8");
-        assert_eq!(p.stages[2].with.get("run").unwrap().as_str(), Some("echo 3e-4"));
+        assert_eq!(
+            p.stages[2].with.get("run").unwrap().as_str(),
+            Some("echo 3e-4")
+        );
         assert_eq!(p.stages[4].needs.len(), 4);
     }
 
@@ -588,7 +726,10 @@ mod tests {
         let p = load("version: 1\nname: t\nstages:\n  a:\n    kind: command\n    foreach: [x, y]\n    with: {run: \"echo ${item}\"}\n  b:\n    kind: command\n    foreach: {one: 1, two: 2}\n    with: {run: \"echo ${key}=${item}\"}\n").unwrap();
         let names: Vec<_> = p.stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["a@x", "a@y", "b@one", "b@two"]);
-        assert_eq!(p.stages[3].with.get("run").unwrap().as_str(), Some("echo two=2"));
+        assert_eq!(
+            p.stages[3].with.get("run").unwrap().as_str(),
+            Some("echo two=2")
+        );
     }
 
     #[test]
@@ -596,7 +737,11 @@ mod tests {
         let e = load("version: 1\nname: t\nstages:\n  a:\n    kind: command\n    need: [b]\n  c:\n    kind: command\n    outputs: [/abs]\n").unwrap_err();
         assert_eq!(e.0.len(), 2, "{e}");
         assert_eq!(e.0[0].pos, Some(Pos { line: 6, col: 5 }));
-        assert!(e.0[0].message.contains("did you mean \"needs\""), "{}", e.0[0].message);
+        assert!(
+            e.0[0].message.contains("did you mean \"needs\""),
+            "{}",
+            e.0[0].message
+        );
         assert_eq!(e.0[1].stage.as_deref(), Some("c"));
     }
 

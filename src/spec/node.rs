@@ -158,10 +158,9 @@ impl Node {
     /// Fills `raw` of every scalar from the source text, using byte spans recorded while
     /// parsing.
     fn attach_raw(&mut self, source: &str, span: Option<(usize, usize)>) {
-        if let (Some((start, len)), false) = (
-            span,
-            matches!(self.value, Value::Seq(_) | Value::Map(_)),
-        ) {
+        if let (Some((start, len)), false) =
+            (span, matches!(self.value, Value::Seq(_) | Value::Map(_)))
+        {
             if let Some(text) = source.get(start..start + len) {
                 self.raw = Some(text.trim().to_string());
             }
@@ -281,10 +280,14 @@ impl<'de> Visitor<'de> for ValueVisitor {
             .or(Ok(Value::Float(v as f64)))
     }
     fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
-        i64::try_from(v).map(Value::Int).map_err(|_| E::custom("integer out of range"))
+        i64::try_from(v)
+            .map(Value::Int)
+            .map_err(|_| E::custom("integer out of range"))
     }
     fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
-        i64::try_from(v).map(Value::Int).map_err(|_| E::custom("integer out of range"))
+        i64::try_from(v)
+            .map(Value::Int)
+            .map_err(|_| E::custom("integer out of range"))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
         Ok(Value::Float(v))
@@ -335,10 +338,17 @@ mod tests {
         assert_eq!(c.scalar_text().as_deref(), Some("3e-4"));
         assert!(matches!(c.value, Value::Float(x) if (x - 3e-4).abs() < 1e-12));
         let d = b.get("d").unwrap();
-        let Value::Seq(items) = &d.value else { panic!("not a list") };
+        let Value::Seq(items) = &d.value else {
+            panic!("not a list")
+        };
         assert_eq!(items[1].as_str(), Some("y"));
         assert_eq!(items[1].pos.line, 4);
-        let keys: Vec<_> = root.as_map().unwrap().iter().map(|(k, _)| (k.name.clone(), k.pos)).collect();
+        let keys: Vec<_> = root
+            .as_map()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| (k.name.clone(), k.pos))
+            .collect();
         assert_eq!(keys[1], ("b".to_string(), Pos { line: 2, col: 1 }));
     }
 

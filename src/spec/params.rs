@@ -70,7 +70,9 @@ impl<'a> Scope<'a> {
                 None => {
                     let mut msg = format!("unknown parameter `{walked}.{part}`");
                     if let Value::Map(entries) = &node.value {
-                        if let Some(best) = did_you_mean(part, entries.iter().map(|(k, _)| k.name.as_str())) {
+                        if let Some(best) =
+                            did_you_mean(part, entries.iter().map(|(k, _)| k.name.as_str()))
+                        {
                             msg.push_str(&format!(" (did you mean `{walked}.{best}`?)"));
                         }
                     }
@@ -84,7 +86,12 @@ impl<'a> Scope<'a> {
 
 /// Replaces every `${...}` in string values below `node`, in place. Roots named in
 /// `skip` are left untouched (they are resolved in a later pass).
-pub fn substitute(node: &mut Node, scope: &Scope<'_>, skip: &[&str], path: &str) -> Result<(), SubstError> {
+pub fn substitute(
+    node: &mut Node,
+    scope: &Scope<'_>,
+    skip: &[&str],
+    path: &str,
+) -> Result<(), SubstError> {
     match &mut node.value {
         Value::Str(s) => {
             if let Some(replacement) = substitute_str(s, node.pos, scope, skip, path)? {
@@ -136,7 +143,10 @@ fn substitute_str(
             if skip.iter().any(|r| root_of(reference) == *r) {
                 return Ok(None);
             }
-            return scope.lookup(reference).map(|n| Some(n.clone())).map_err(err);
+            return scope
+                .lookup(reference)
+                .map(|n| Some(n.clone()))
+                .map_err(err);
         }
     }
     let mut out = String::with_capacity(s.len());
@@ -172,7 +182,7 @@ fn substitute_str(
         rest = &rest[i + end + 1..];
     }
     out.push_str(rest);
-    Ok(changed.then(|| Node {
+    Ok(changed.then_some(Node {
         pos,
         value: Value::Str(out),
         raw: None,
@@ -257,7 +267,9 @@ mod tests {
     #[test]
     fn whole_reference_keeps_type_and_inline_uses_source_text() {
         let p = params();
-        let mut n = parse("a: ${params.model.layers}\nb: \"--lr ${params.lr} --m ${params.model.name}\"\n").unwrap();
+        let mut n =
+            parse("a: ${params.model.layers}\nb: \"--lr ${params.lr} --m ${params.model.name}\"\n")
+                .unwrap();
         substitute(&mut n, &Scope::new(&p), &[], "").unwrap();
         assert_eq!(n.get("a").unwrap().value, Value::Int(2));
         assert_eq!(n.get("b").unwrap().as_str(), Some("--lr 3e-4 --m tiny"));
@@ -268,7 +280,10 @@ mod tests {
         let p = params();
         let mut n = parse("a: x ${params.lrr}\n").unwrap();
         let e = substitute(&mut n, &Scope::new(&p), &[], "").unwrap_err();
-        assert_eq!(e.message, "unknown parameter `params.lrr` (did you mean `params.lr`?)");
+        assert_eq!(
+            e.message,
+            "unknown parameter `params.lrr` (did you mean `params.lr`?)"
+        );
         assert_eq!(e.pos.line, 1);
         assert_eq!(e.path, "a");
     }
@@ -287,8 +302,15 @@ mod tests {
         apply_override(&mut p, "lr=1e-3").unwrap();
         assert_eq!(p.get("lr").unwrap().scalar_text().as_deref(), Some("1e-3"));
         apply_override(&mut p, "params.model.name=big").unwrap();
-        assert_eq!(p.get("model").unwrap().get("name").unwrap().as_str(), Some("big"));
-        assert!(apply_override(&mut p, "lrr=1").unwrap_err().contains("did you mean `lr`"));
-        assert!(apply_override(&mut p, "flag=yes please").unwrap_err().contains("is a boolean"));
+        assert_eq!(
+            p.get("model").unwrap().get("name").unwrap().as_str(),
+            Some("big")
+        );
+        assert!(apply_override(&mut p, "lrr=1")
+            .unwrap_err()
+            .contains("did you mean `lr`"));
+        assert!(apply_override(&mut p, "flag=yes please")
+            .unwrap_err()
+            .contains("is a boolean"));
     }
 }

@@ -49,8 +49,14 @@ pub fn run(cfg: &CommandConfig, ctx: &StageContext<'_>) -> Result<(), StageError
         .append(true)
         .open(&ctx.log_file)
         .map_err(|e| failed("cannot open the stage log", e))?;
-    let _ = writeln!(log, "--- attempt {} of stage {}: {}", ctx.attempt, ctx.stage.name, cfg.run);
-    let stderr = log.try_clone().map_err(|e| failed("cannot open the stage log", e))?;
+    let _ = writeln!(
+        log,
+        "--- attempt {} of stage {}: {}",
+        ctx.attempt, ctx.stage.name, cfg.run
+    );
+    let stderr = log
+        .try_clone()
+        .map_err(|e| failed("cannot open the stage log", e))?;
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(&cfg.run)
@@ -85,7 +91,11 @@ pub fn run(cfg: &CommandConfig, ctx: &StageContext<'_>) -> Result<(), StageError
                     Some(c) => format!("exit code {c}"),
                     None => "killed by a signal".to_string(),
                 };
-                return Err(StageError::Failed(format!("command failed ({how}): {}{}", cfg.run, indent(&tail))));
+                return Err(StageError::Failed(format!(
+                    "command failed ({how}): {}{}",
+                    cfg.run,
+                    indent(&tail)
+                )));
             }
             Ok(None) => {}
             Err(e) => return Err(failed("cannot wait for the command", e)),
@@ -126,7 +136,10 @@ fn indent(tail: &str) -> String {
     if tail.trim().is_empty() {
         String::new()
     } else {
-        format!("\n  last output:\n    {}", tail.trim_end().replace('\n', "\n    "))
+        format!(
+            "\n  last output:\n    {}",
+            tail.trim_end().replace('\n', "\n    ")
+        )
     }
 }
 

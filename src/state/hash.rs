@@ -40,7 +40,10 @@ impl HashCache {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        HashCache { entries, dirty: false }
+        HashCache {
+            entries,
+            dirty: false,
+        }
     }
 
     /// Writes the cache back if it changed.
@@ -72,7 +75,11 @@ impl HashCache {
                 h.update(rel.as_bytes());
                 h.update(b"\0");
                 h.update(fh.as_bytes());
-                h.update(if m.mode() & 0o111 != 0 { b"x\n" } else { b"-\n" });
+                h.update(if m.mode() & 0o111 != 0 {
+                    b"x\n"
+                } else {
+                    b"-\n"
+                });
             }
             Ok(ContentHash {
                 hash: format!("d{}", h.finalize().to_hex()),

@@ -115,12 +115,19 @@ impl Ledger {
             rows.extend(read_file::<T>(path)?);
         }
         // Named after the last merged file so that later appends still sort after it.
-        let last = files.last().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or("0");
+        let last = files
+            .last()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or("0");
         let name = last.replace(".parquet", "-c.parquet");
         let dir = self.layout.table_dir(T::NAME);
         write_file::<T>(&dir, &name, &rows)?;
         for path in &files {
-            fs::remove_file(path).map_err(|source| LedgerError::Io { path: path.clone(), source })?;
+            fs::remove_file(path).map_err(|source| LedgerError::Io {
+                path: path.clone(),
+                source,
+            })?;
         }
         sync_dir(&dir);
         Ok(files.len())
@@ -153,7 +160,8 @@ fn write_file<T: Table>(dir: &Path, name: &str, rows: &[T]) -> Result<(), Ledger
     writer.close().map_err(pq)?;
     tmp.as_file().sync_all().map_err(|e| io(tmp.path(), e))?;
     let final_path = dir.join(name);
-    tmp.persist(&final_path).map_err(|e| io(&final_path, e.error))?;
+    tmp.persist(&final_path)
+        .map_err(|e| io(&final_path, e.error))?;
     sync_dir(dir);
     Ok(())
 }
@@ -167,7 +175,10 @@ fn read_file<T: Table>(path: &Path) -> Result<Vec<T>, LedgerError> {
         path: path.to_path_buf(),
         source,
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?.build().map_err(pq)?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(pq)?
+        .build()
+        .map_err(pq)?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| pq(e.into()))?;
@@ -196,8 +207,16 @@ mod tests {
             attempt: 1,
             started_at: 1,
             ended_at: Some(2),
-            inputs: vec![FileHash { path: "a".into(), hash: "h".into(), bytes: 0 }],
-            outputs: vec![FileHash { path: "b".into(), hash: "h2".into(), bytes: 7 }],
+            inputs: vec![FileHash {
+                path: "a".into(),
+                hash: "h".into(),
+                bytes: 0,
+            }],
+            outputs: vec![FileHash {
+                path: "b".into(),
+                hash: "h2".into(),
+                bytes: 7,
+            }],
             error: None,
         }
     }
@@ -209,16 +228,29 @@ mod tests {
         ledger.append(&[row("a")]).unwrap();
         ledger.append(&[row("b"), row("c")]).unwrap();
         ledger
-            .append(&[MetricRow { run_id: "r1".into(), stage: "a".into(), step: 3, name: "loss".into(), value: 1.5, time: 9 }])
+            .append(&[MetricRow {
+                run_id: "r1".into(),
+                stage: "a".into(),
+                step: 3,
+                name: "loss".into(),
+                value: 1.5,
+                time: 9,
+            }])
             .unwrap();
         let rows: Vec<StageRunRow> = ledger.read().unwrap();
-        assert_eq!(rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert_eq!(rows[0], row("a"));
         assert_eq!(ledger.compact::<StageRunRow>().unwrap(), 2);
         assert_eq!(ledger.files("stage_runs").unwrap().len(), 1);
         ledger.append(&[row("d")]).unwrap();
         let rows: Vec<StageRunRow> = ledger.read().unwrap();
-        assert_eq!(rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+        assert_eq!(
+            rows.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
         assert_eq!(ledger.read::<MetricRow>().unwrap()[0].value, 1.5);
     }
 

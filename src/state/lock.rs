@@ -35,7 +35,11 @@ impl Holder {
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "run {} (pid {} on {}, started {})", self.run_id, self.pid, self.host, self.started)
+        write!(
+            f,
+            "run {} (pid {} on {}, started {})",
+            self.run_id, self.pid, self.host, self.started
+        )
     }
 }
 
@@ -103,7 +107,9 @@ impl WorkspaceLock {
             Err(TryLockError::WouldBlock) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                return Err(Holder::parse(&text).map(LockError::Held).unwrap_or(LockError::HeldUnknown));
+                return Err(Holder::parse(&text)
+                    .map(LockError::Held)
+                    .unwrap_or(LockError::HeldUnknown));
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
@@ -161,11 +167,17 @@ mod tests {
             }
             other => panic!("expected Held, got {other:?}"),
         }
-        assert_eq!(current_holder(&layout).map(|h| h.run_id), Some("run-a".to_string()));
+        assert_eq!(
+            current_holder(&layout).map(|h| h.run_id),
+            Some("run-a".to_string())
+        );
         drop(first);
         assert!(current_holder(&layout).is_none());
         let again = WorkspaceLock::acquire(&layout, "run-c").unwrap();
-        assert!(again.recovered.is_none(), "a clean release leaves no holder behind");
+        assert!(
+            again.recovered.is_none(),
+            "a clean release leaves no holder behind"
+        );
     }
 
     #[test]
@@ -176,6 +188,9 @@ mod tests {
         let stale = r#"{"pid":999999,"host":"h","started":"2026-01-01T00:00:00Z","run_id":"old"}"#;
         std::fs::write(layout.lock_file(), stale).unwrap();
         let lock = WorkspaceLock::acquire(&layout, "new").unwrap();
-        assert_eq!(lock.recovered.as_ref().map(|h| h.run_id.clone()), Some("old".to_string()));
+        assert_eq!(
+            lock.recovered.as_ref().map(|h| h.run_id.clone()),
+            Some("old".to_string())
+        );
     }
 }

@@ -108,7 +108,11 @@ fn list_strs(a: &ListArray, i: usize) -> Vec<String> {
     let v = a.value(i);
     v.as_any()
         .downcast_ref::<StringArray>()
-        .map(|s| s.iter().map(|x| x.unwrap_or_default().to_string()).collect())
+        .map(|s| {
+            s.iter()
+                .map(|x| x.unwrap_or_default().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 fn list_u64s(a: &ListArray, i: usize) -> Vec<u64> {
@@ -184,10 +188,24 @@ impl Table for RunRow {
         RecordBatch::try_new(Self::schema(), cols).expect("columns match the schema")
     }
     fn from_batch(b: &RecordBatch) -> Result<Vec<Self>, SchemaError> {
-        let c = Cols { table: Self::NAME, batch: b };
-        let (id, pl, pn, st, tr) = (c.s("run_id")?, c.s("pipeline")?, c.s("pipeline_name")?, c.s("status")?, c.s("trigger")?);
+        let c = Cols {
+            table: Self::NAME,
+            batch: b,
+        };
+        let (id, pl, pn, st, tr) = (
+            c.s("run_id")?,
+            c.s("pipeline")?,
+            c.s("pipeline_name")?,
+            c.s("status")?,
+            c.s("trigger")?,
+        );
         let (sf, sa, ea) = (c.t("scheduled_for")?, c.t("started_at")?, c.t("ended_at")?);
-        let (args, host, pid, ver) = (c.s("args")?, c.s("host")?, c.get::<UInt32Array>("pid")?, c.s("taper_version")?);
+        let (args, host, pid, ver) = (
+            c.s("args")?,
+            c.s("host")?,
+            c.get::<UInt32Array>("pid")?,
+            c.s("taper_version")?,
+        );
         Ok((0..b.num_rows())
             .map(|i| RunRow {
                 run_id: id.value(i).into(),
@@ -280,31 +298,71 @@ impl Table for StageRunRow {
             strs(rows.iter().map(|r| r.config_hash.as_str())),
             strs(rows.iter().map(|r| r.status.as_str())),
             strs(rows.iter().map(|r| r.reason.as_str())),
-            Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.attempt))),
+            Arc::new(UInt32Array::from_iter_values(
+                rows.iter().map(|r| r.attempt),
+            )),
             times(rows.iter().map(|r| Some(r.started_at))),
             times(rows.iter().map(|r| r.ended_at)),
-            str_lists(rows.iter().map(|r| r.inputs.iter().map(|f| f.path.as_str()).collect())),
-            str_lists(rows.iter().map(|r| r.inputs.iter().map(|f| f.hash.as_str()).collect())),
-            str_lists(rows.iter().map(|r| r.outputs.iter().map(|f| f.path.as_str()).collect())),
-            str_lists(rows.iter().map(|r| r.outputs.iter().map(|f| f.hash.as_str()).collect())),
-            u64_lists(rows.iter().map(|r| r.outputs.iter().map(|f| f.bytes).collect())),
+            str_lists(
+                rows.iter()
+                    .map(|r| r.inputs.iter().map(|f| f.path.as_str()).collect()),
+            ),
+            str_lists(
+                rows.iter()
+                    .map(|r| r.inputs.iter().map(|f| f.hash.as_str()).collect()),
+            ),
+            str_lists(
+                rows.iter()
+                    .map(|r| r.outputs.iter().map(|f| f.path.as_str()).collect()),
+            ),
+            str_lists(
+                rows.iter()
+                    .map(|r| r.outputs.iter().map(|f| f.hash.as_str()).collect()),
+            ),
+            u64_lists(
+                rows.iter()
+                    .map(|r| r.outputs.iter().map(|f| f.bytes).collect()),
+            ),
             opt_strs(rows.iter().map(|r| r.error.as_deref())),
         ];
         RecordBatch::try_new(Self::schema(), cols).expect("columns match the schema")
     }
     fn from_batch(b: &RecordBatch) -> Result<Vec<Self>, SchemaError> {
-        let c = Cols { table: Self::NAME, batch: b };
-        let (id, st, kd, fp, ch) = (c.s("run_id")?, c.s("stage")?, c.s("kind")?, c.s("fingerprint")?, c.s("config_hash")?);
-        let (status, reason, attempt) = (c.s("status")?, c.s("reason")?, c.get::<UInt32Array>("attempt")?);
+        let c = Cols {
+            table: Self::NAME,
+            batch: b,
+        };
+        let (id, st, kd, fp, ch) = (
+            c.s("run_id")?,
+            c.s("stage")?,
+            c.s("kind")?,
+            c.s("fingerprint")?,
+            c.s("config_hash")?,
+        );
+        let (status, reason, attempt) = (
+            c.s("status")?,
+            c.s("reason")?,
+            c.get::<UInt32Array>("attempt")?,
+        );
         let (sa, ea) = (c.t("started_at")?, c.t("ended_at")?);
-        let (ip, ih, op, oh, ob) = (c.l("input_paths")?, c.l("input_hashes")?, c.l("output_paths")?, c.l("output_hashes")?, c.l("output_bytes")?);
+        let (ip, ih, op, oh, ob) = (
+            c.l("input_paths")?,
+            c.l("input_hashes")?,
+            c.l("output_paths")?,
+            c.l("output_hashes")?,
+            c.l("output_bytes")?,
+        );
         let err = c.s("error")?;
         Ok((0..b.num_rows())
             .map(|i| {
                 let inputs = list_strs(ip, i)
                     .into_iter()
                     .zip(list_strs(ih, i))
-                    .map(|(path, hash)| FileHash { path, hash, bytes: 0 })
+                    .map(|(path, hash)| FileHash {
+                        path,
+                        hash,
+                        bytes: 0,
+                    })
                     .collect();
                 let outputs = list_strs(op, i)
                     .into_iter()
@@ -373,7 +431,10 @@ impl Table for MetricRow {
         RecordBatch::try_new(Self::schema(), cols).expect("columns match the schema")
     }
     fn from_batch(b: &RecordBatch) -> Result<Vec<Self>, SchemaError> {
-        let c = Cols { table: Self::NAME, batch: b };
+        let c = Cols {
+            table: Self::NAME,
+            batch: b,
+        };
         let (id, st, step, name, value, time) = (
             c.s("run_id")?,
             c.s("stage")?,
@@ -432,8 +493,17 @@ impl Table for EventRow {
         RecordBatch::try_new(Self::schema(), cols).expect("columns match the schema")
     }
     fn from_batch(b: &RecordBatch) -> Result<Vec<Self>, SchemaError> {
-        let c = Cols { table: Self::NAME, batch: b };
-        let (id, time, stage, event, msg) = (c.s("run_id")?, c.t("time")?, c.s("stage")?, c.s("event")?, c.s("message")?);
+        let c = Cols {
+            table: Self::NAME,
+            batch: b,
+        };
+        let (id, time, stage, event, msg) = (
+            c.s("run_id")?,
+            c.t("time")?,
+            c.s("stage")?,
+            c.s("event")?,
+            c.s("message")?,
+        );
         Ok((0..b.num_rows())
             .map(|i| EventRow {
                 run_id: id.value(i).into(),

@@ -1,0 +1,228 @@
+//! `taper runs`, `taper show` and `taper gc`: reading and tidying the ledger.
+
+use super::exit::{self, Failure};
+use crate::state::{
+    time::rfc3339, EventRow, Layout, Ledger, MetricRow, RunRow, StageRunRow, WorkspaceLock,
+};
+use clap::Args;
+use std::collections::BTreeMap;
+
+/// `taper runs` options.
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Show at most this many runs (newest first).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `taper show` options.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// A run id (or a unique prefix of one); default: the latest run.
+    pub run_id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The last row of each run, newest first.
+pub fn latest_runs(ledger: &Ledger) -> Result<Vec<RunRow>, Failure> {
+    let mut by_id: BTreeMap<String, RunRow> = BTreeMap::new();
+    for r in ledger.read::<RunRow>()? {
+        by_id.insert(r.run_id.clone(), r);
+    }
+    let mut runs: Vec<RunRow> = by_id.into_values().collect();
+    runs.sort_by(|a, b| {
+        b.started_at
+            .cmp(&a.started_at)
+            .then(b.run_id.cmp(&a.run_id))
+    });
+    Ok(runs)
+}
+
+fn duration(r: &RunRow) -> Option<f64> {
+    r.ended_at.map(|e| (e - r.started_at) as f64 / 1e6)
+}
+
+/// A run whose row says `running` but whose process no longer holds the lock was killed.
+fn effective_status(r: &RunRow, layout: &Layout) -> String {
+    if r.status == "running"
+        && crate::state::lock::current_holder(layout).map(|h| h.run_id) != Some(r.run_id.clone())
+    {
+        "killed".to_string()
+    } else {
+        r.status.clone()
+    }
+}
+
+/// `taper runs`.
+pub fn runs(layout: &Layout, a: &RunsArgs) -> Result<i32, Failure> {
+    let runs = latest_runs(&Ledger::new(layout))?;
+    let runs = &runs[..runs.len().min(a.limit)];
+    if a.json {
+        let v: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "run_id": r.run_id, "pipeline": r.pipeline, "name": r.pipeline_name,
+                    "status": effective_status(r, layout), "trigger": r.trigger,
+                    "started_at": rfc3339(r.started_at), "duration_s": duration(r),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(exit::SUCCESS);
+    }
+    if runs.is_empty() {
+        println!("no runs recorded in this workspace");
+    }
+    for r in runs {
+        let d = duration(r)
+            .map(|d| format!("{d:.1}s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{}  {:<11} {:<8} {}  {:>8}  {}",
+            r.run_id,
+            effective_status(r, layout),
+            r.trigger,
+            rfc3339(r.started_at),
+            d,
+            r.pipeline_name
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `taper show`.
+pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
+    let ledger = Ledger::new(layout);
+    let runs = latest_runs(&ledger)?;
+    let run = match &a.run_id {
+        None => runs.first(),
+        Some(id) => {
+            let matches: Vec<&RunRow> = runs
+                .iter()
+                .filter(|r| r.run_id.starts_with(id.as_str()))
+                .collect();
+            if matches.len() > 1 {
+                return Err(Failure::new(
+                    exit::ERROR,
+                    format!(
+                        "error: run id prefix \"{id}\" matches {} runs",
+                        matches.len()
+                    ),
+                ));
+            }
+            matches.into_iter().next()
+        }
+    };
+    let Some(run) = run else {
+        let what = a
+            .run_id
+            .as_deref()
+            .map(|i| format!("run \"{i}\""))
+            .unwrap_or_else(|| "any run".into());
+        return Err(Failure::new(
+            exit::ERROR,
+            format!("error: the ledger has no record of {what}"),
+        ));
+    };
+    let stages: Vec<StageRunRow> = ledger
+        .read::<StageRunRow>()?
+        .into_iter()
+        .filter(|s| s.run_id == run.run_id)
+        .collect();
+    let mut last_metric: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+    for m in ledger
+        .read::<MetricRow>()?
+        .into_iter()
+        .filter(|m| m.run_id == run.run_id)
+    {
+        last_metric.insert((m.stage, m.name), (m.step, m.value));
+    }
+    let retries = ledger
+        .read::<EventRow>()?
+        .into_iter()
+        .filter(|e| e.run_id == run.run_id && e.event == "stage_retry")
+        .count();
+    if a.json {
+        let st: Vec<_> = stages
+            .iter()
+            .map(|s| {
+                let metrics: BTreeMap<&str, f64> = last_metric
+                    .iter()
+                    .filter(|((stage, _), _)| *stage == s.stage)
+                    .map(|((_, n), (_, v))| (n.as_str(), *v))
+                    .collect();
+                serde_json::json!({
+                    "stage": s.stage, "kind": s.kind, "status": s.status, "reason": s.reason,
+                    "attempt": s.attempt, "started_at": rfc3339(s.started_at),
+                    "duration_s": s.ended_at.map(|e| (e - s.started_at) as f64 / 1e6),
+                    "fingerprint": s.fingerprint, "error": s.error,
+                    "outputs": s.outputs.iter().map(|o| serde_json::json!({"path": o.path, "hash": o.hash, "bytes": o.bytes})).collect::<Vec<_>>(),
+                    "metrics": metrics,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "run_id": run.run_id, "pipeline": run.pipeline, "name": run.pipeline_name,
+            "status": effective_status(run, layout), "trigger": run.trigger,
+            "started_at": rfc3339(run.started_at), "duration_s": duration(run), "retries": retries, "stages": st,
+        });
+        println!("{v}");
+        return Ok(exit::SUCCESS);
+    }
+    println!(
+        "run {}  {}  ({})",
+        run.run_id,
+        effective_status(run, layout),
+        run.pipeline
+    );
+    println!(
+        "started {}  took {}",
+        rfc3339(run.started_at),
+        duration(run)
+            .map(|d| format!("{d:.2}s"))
+            .unwrap_or("-".into())
+    );
+    for s in &stages {
+        let d = s
+            .ended_at
+            .map(|e| format!("{:.2}s", (e - s.started_at) as f64 / 1e6))
+            .unwrap_or("-".into());
+        println!("  {:<10} {:<24} {:>8}  {}", s.status, s.stage, d, s.reason);
+        if let Some(e) = &s.error {
+            println!("      error: {}", e.lines().next().unwrap_or_default());
+        }
+        for o in &s.outputs {
+            println!(
+                "      {}  {}  {} bytes",
+                o.path,
+                &o.hash[..o.hash.len().min(16)],
+                o.bytes
+            );
+        }
+        for ((stage, name), (step, value)) in &last_metric {
+            if *stage == s.stage {
+                println!("      {name} = {value} (step {step})");
+            }
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `taper gc`.
+pub fn gc(layout: &Layout) -> Result<i32, Failure> {
+    let _lock = WorkspaceLock::acquire(layout, "gc")?;
+    let ledger = Ledger::new(layout);
+    let merged = ledger.compact::<RunRow>()?
+        + ledger.compact::<StageRunRow>()?
+        + ledger.compact::<MetricRow>()?
+        + ledger.compact::<EventRow>()?;
+    let _ = std::fs::remove_dir_all(layout.trash());
+    println!("merged {merged} ledger files");
+    Ok(exit::SUCCESS)
+}

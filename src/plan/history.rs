@@ -1,0 +1,34 @@
+//! What the ledger remembers about each stage, indexed for planning.
+
+use crate::state::{Ledger, LedgerError, StageRunRow};
+use std::collections::HashMap;
+
+/// The latest recorded outcomes per stage name.
+#[derive(Debug, Default)]
+pub struct History {
+    /// The newest successful (or up-to-date skipped) row of each stage.
+    pub last_success: HashMap<String, StageRunRow>,
+    /// The newest row of each stage, whatever its status.
+    pub last: HashMap<String, StageRunRow>,
+}
+
+impl History {
+    /// Reads the `stage_runs` table.
+    pub fn load(ledger: &Ledger) -> Result<History, LedgerError> {
+        Ok(History::from_rows(ledger.read::<StageRunRow>()?))
+    }
+
+    /// Indexes rows (in append order).
+    pub fn from_rows(rows: Vec<StageRunRow>) -> History {
+        let mut h = History::default();
+        for row in rows {
+            if row.status == "success" {
+                h.last_success.insert(row.stage.clone(), row.clone());
+            }
+            if row.status != "skipped" {
+                h.last.insert(row.stage.clone(), row);
+            }
+        }
+        h
+    }
+}
