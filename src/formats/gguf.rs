@@ -68,9 +68,11 @@ pub fn import(path: &Path, out: &Path, dtype: &str) -> Result<usize, FormatError
             | GgmlDType::Q4_0
             | GgmlDType::Q4_1
             | GgmlDType::Q8_0 => {}
-            other => return Err(fail(format!(
+            other => {
+                return Err(fail(format!(
                 "tensor `{name}` is {other:?}; taper imports F32, F16, BF16, Q4_0, Q4_1 and Q8_0"
-            ))),
+            )))
+            }
         }
         let (hf, fix) = hf_name(name, heads, kv_heads).ok_or_else(|| {
             fail(format!(
@@ -168,7 +170,7 @@ impl Fix {
 /// Inverse of llama.cpp's `permute`: rows `[heads, 2, d/2]` were stored as `[heads, d/2, 2]`.
 pub fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = t.dims2()?;
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle_core::bail!("{rows} rows cannot be split into {heads} heads of pairs");
     }
     t.reshape((heads, rows / heads / 2, 2, cols))?
@@ -180,7 +182,7 @@ pub fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// llama.cpp's `permute` (for tests and for writing GGUF files).
 pub fn permute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = t.dims2()?;
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle_core::bail!("{rows} rows cannot be split into {heads} heads of pairs");
     }
     t.reshape((heads, 2, rows / heads / 2, cols))?

@@ -195,7 +195,7 @@ impl SafetensorsFile {
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
                 .and_then(|numel| numel.checked_mul(info.dtype.bitsize() as u64));
             match bits {
-                Some(bits) if bits % 8 == 0 && e >= s && e - s == bits / 8 => {}
+                Some(bits) if bits.is_multiple_of(8) && e >= s && e - s == bits / 8 => {}
                 _ => {
                     return Err(fail(format!(
                         "tensor `{name}`: offsets [{s}, {e}] do not match {:?} {:?}",

@@ -62,7 +62,7 @@ pub fn header_bytes(specs: &[TensorSpec], metadata: Option<&BTreeMap<String, Str
     }
     let obj: Map<String, Value> = header.into_iter().collect();
     let mut text = serde_json::to_string(&Value::Object(obj)).unwrap_or_default();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
