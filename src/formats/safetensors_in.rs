@@ -67,32 +67,14 @@ impl RawTensor {
     pub fn from_tensor(t: &Tensor) -> candle_core::Result<RawTensor> {
         let dtype = safetensors_dtype(t.dtype())
             .ok_or_else(|| candle_core::Error::Msg(format!("{:?} cannot be stored", t.dtype())))?;
-        let flat = t.flatten_all()?;
-        let data = match t.dtype() {
-            DType::F32 => bytes_of(flat.to_vec1::<f32>()?.iter().map(|v| v.to_le_bytes())),
-            DType::F64 => bytes_of(flat.to_vec1::<f64>()?.iter().map(|v| v.to_le_bytes())),
-            DType::BF16 => bytes_of(
-                flat.to_vec1::<half::bf16>()?
-                    .iter()
-                    .map(|v| v.to_le_bytes()),
-            ),
-            DType::F16 => bytes_of(flat.to_vec1::<half::f16>()?.iter().map(|v| v.to_le_bytes())),
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "{other:?} cannot be stored"
-                )))
-            }
-        };
+        // candle's safetensors view copies the bytes in (optimised) dependency code.
+        let data = safetensors::View::data(&t.contiguous()?).into_owned();
         Ok(RawTensor {
             dtype,
             shape: t.dims().to_vec(),
             data,
         })
     }
-}
-
-fn bytes_of<const N: usize>(values: impl Iterator<Item = [u8; N]>) -> Vec<u8> {
-    values.flatten().collect()
 }
 
 /// candle's dtype for a float safetensors dtype.
