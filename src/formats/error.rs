@@ -62,4 +62,36 @@ pub enum FormatError {
     /// Nothing in the directory looks like an adapter taper reads.
     #[error("{dir}: not an adapter taper can read ({message})")]
     UnknownFormat { dir: PathBuf, message: String },
+
+    /// An adapter or checkpoint the target format cannot express faithfully.
+    #[error("cannot write as {format}: `{module}`: {message}")]
+    Unrepresentable {
+        format: String,
+        module: String,
+        message: String,
+    },
+
+    /// An adapter that does not fit the base model it is converted or merged against.
+    #[error("adapter does not fit the base model {base}: `{module}`: {message}")]
+    Incompatible {
+        base: PathBuf,
+        module: String,
+        message: String,
+    },
+
+    /// A GGUF file taper cannot import.
+    #[error("{file}: {message}")]
+    Gguf { file: PathBuf, message: String },
+
+    /// Where the output should go is not usable.
+    #[error("{path}: {message}")]
+    Output { path: PathBuf, message: String },
+
+    /// A usage mistake (unknown format name, impossible option).
+    #[error("{0}")]
+    Usage(String),
+
+    /// The caller asked the work to stop.
+    #[error("stopped before finishing")]
+    Cancelled,
 }

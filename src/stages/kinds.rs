@@ -6,6 +6,8 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::merge::{self, MergeConfig};
+use super::migrate::{self, MigrateConfig};
 use super::tokenize::{self, TokenizeConfig, TokenizeError};
 use super::train::{self, TrainConfig};
 use crate::spec::de::{did_you_mean, from_node};
@@ -54,15 +56,15 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "migrate",
-        version: 1,
+        version: migrate::VERSION,
         resumable: false,
-        unavailable: Some("the migrate stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "merge",
-        version: 1,
+        version: merge::VERSION,
         resumable: false,
-        unavailable: Some("the merge stage is not supported yet"),
+        unavailable: None,
     },
 ];
 
@@ -80,6 +82,10 @@ pub enum StageConfig {
     Tokenize(TokenizeConfig),
     /// `kind: train`.
     Train(Box<TrainConfig>),
+    /// `kind: migrate`.
+    Migrate(MigrateConfig),
+    /// `kind: merge`.
+    Merge(MergeConfig),
 }
 
 impl StageConfig {
@@ -89,6 +95,8 @@ impl StageConfig {
             StageConfig::Command(c) => command::run(c, ctx),
             StageConfig::Tokenize(c) => tokenize::stage::run_stage(c, ctx),
             StageConfig::Train(c) => train::run(c, ctx),
+            StageConfig::Migrate(c) => migrate::run(c, ctx),
+            StageConfig::Merge(c) => merge::run(c, ctx),
         }
     }
 }
@@ -136,6 +144,12 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
         }
         "train" => from_node(&stage.with)
             .map(StageConfig::Train)
+            .map_err(de_err),
+        "migrate" => from_node(&stage.with)
+            .map(StageConfig::Migrate)
+            .map_err(de_err),
+        "merge" => from_node(&stage.with)
+            .map(StageConfig::Merge)
             .map_err(de_err),
         other => Err(SpecError::at(
             file,

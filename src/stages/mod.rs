@@ -4,6 +4,8 @@
 pub mod command;
 pub mod context;
 pub mod kinds;
+pub mod merge;
+pub mod migrate;
 pub mod tokenize;
 pub mod train;
 

@@ -1,0 +1,248 @@
+//! Merging a LoRA adapter into its base: `W' = W + s·(B @ A)` for every adapted module,
+//! every other tensor copied byte for byte, written as a Hugging Face model directory.
+//!
+//! Streams: tensors are read, merged and written one at a time in name order, so peak
+//! memory is a few times the largest tensor, not the model. Shards are planned from the
+//! headers before anything is written (merging keeps dtype and shape).
+//!
+//! Two rounding rules for half-precision bases, as the reference tools do it:
+//! - [`Rounding::Peft`] (default): `Δ = (B @ A)·s` in f32, `W' = half(f32(W) + Δ)`.
+//! - [`Rounding::Mlx`]: `Δ = (s·B) @ A` in f32, `W' = half(W + half(Δ))`.
+//!
+//! For f32 bases the two differ only in where `s` is applied.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use super::adapter::AdapterModule;
+use super::checkpoint::{Checkpoint, SINGLE_WEIGHTS, WEIGHTS_INDEX};
+use super::error::FormatError;
+use super::output::{check_identity, OutputDir};
+use super::raw_adapter::{AdapterKind, RawAdapter};
+use super::safetensors_in::{candle_dtype, RawTensor};
+use super::safetensors_out::{write_json, SafetensorsWriter, TensorSpec};
+
+/// How a half-precision weight and its delta are rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// `half(W + Δ)` with `Δ` in f32 (PEFT's `merge_and_unload`).
+    #[default]
+    Peft,
+    /// `half(W + half(Δ))` (mlx-lm's `fuse`).
+    Mlx,
+}
+
+impl std::str::FromStr for Rounding {
+    type Err = FormatError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "peft" => Ok(Self::Peft),
+            "mlx" => Ok(Self::Mlx),
+            other => Err(FormatError::Usage(format!(
+                "unknown rounding `{other}` (expected peft or mlx)"
+            ))),
+        }
+    }
+}
+
+/// The default shard size: 5 GB, as `save_pretrained`.
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// What a merge did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Tensors that got an adapter's delta.
+    pub merged: usize,
+    /// Tensors copied as they were.
+    pub copied: usize,
+    /// Safetensors files written.
+    pub shards: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+}
+
+/// Files of a model directory carried over to the merged one, byte for byte.
+const CARRIED_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Merges the adapter in `adapter_dir` (any format) into the model in `base_dir`, writing
+/// a model directory at `out_dir` (which must not exist or be empty).
+pub fn merge(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    rounding: Rounding,
+    shard_size: u64,
+) -> Result<MergeReport, FormatError> {
+    merge_with_progress(
+        base_dir,
+        adapter_dir,
+        out_dir,
+        rounding,
+        shard_size,
+        &mut |_, _| true,
+    )
+}
+
+/// [`merge`], calling `progress(done, total)` after each tensor; returning `false` stops
+/// the merge with [`FormatError::Cancelled`] and leaves no output.
+pub fn merge_with_progress(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    rounding: Rounding,
+    shard_size: u64,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<MergeReport, FormatError> {
+    if shard_size == 0 {
+        return Err(FormatError::Usage("the shard size must be positive".into()));
+    }
+    let base = Checkpoint::open(base_dir)?;
+    let raw = RawAdapter::read(adapter_dir, AdapterKind::detect(adapter_dir)?)?;
+    base.check_modules(
+        raw.modules
+            .iter()
+            .map(|(n, m)| (n, m.out_dim(), m.in_dim())),
+    )?;
+    check_identity(&raw, &base)?;
+    let adapter = raw.to_adapter()?;
+
+    let specs: Vec<TensorSpec> = base
+        .names()
+        .map(|name| {
+            let e = base.entry(name).expect("listed names have entries");
+            TensorSpec {
+                name: name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+            }
+        })
+        .collect();
+    let shards = plan_shards(&specs, shard_size);
+    let out = OutputDir::create(out_dir)?;
+    let total = specs.len();
+    let mut report = MergeReport {
+        merged: 0,
+        copied: 0,
+        shards: shards.len(),
+        bytes: 0,
+    };
+    let mut weight_map = serde_json::Map::new();
+    let mut done = 0;
+    for (index, shard) in shards.iter().enumerate() {
+        let file_name = shard_name(index, shards.len());
+        let path = out.path().join(&file_name);
+        let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut writer = SafetensorsWriter::create(&path, shard, Some(&meta))?;
+        for spec in shard {
+            let stored = base.read(&spec.name)?;
+            let module = spec.name.strip_suffix(".weight");
+            let data = match module.and_then(|m| adapter.modules.get(m)) {
+                Some(m) => {
+                    report.merged += 1;
+                    merge_tensor(&stored, m, rounding).map_err(|e| FormatError::Safetensors {
+                        file: base.dir.clone(),
+                        message: format!("merging into `{}`: {e}", spec.name),
+                    })?
+                }
+                None => {
+                    report.copied += 1;
+                    stored
+                }
+            };
+            writer.write(&spec.name, &data.data)?;
+            report.bytes += data.data.len() as u64;
+            weight_map.insert(spec.name.clone(), json!(file_name));
+            done += 1;
+            if !progress(done, total) {
+                return Err(FormatError::Cancelled);
+            }
+        }
+        writer.finish()?;
+    }
+    if shards.len() > 1 {
+        let index = json!({
+            "metadata": {"total_size": report.bytes},
+            "weight_map": weight_map,
+        });
+        write_json(&out.path().join(WEIGHTS_INDEX), &index)?;
+    }
+    for name in CARRIED_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            let dst = out.path().join(name);
+            std::fs::copy(&src, &dst).map_err(|source| FormatError::Io { path: src, source })?;
+        }
+    }
+    out.publish()?;
+    Ok(report)
+}
+
+/// `model.safetensors` for one shard, else `model-00001-of-00003.safetensors`, ...
+pub fn shard_name(index: usize, count: usize) -> String {
+    if count == 1 {
+        SINGLE_WEIGHTS.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", index + 1, count)
+    }
+}
+
+/// Splits `specs` (name order) into shards of at most `shard_size` bytes of data; a
+/// tensor larger than that gets a shard of its own.
+pub fn plan_shards(specs: &[TensorSpec], shard_size: u64) -> Vec<Vec<TensorSpec>> {
+    let mut sorted = specs.to_vec();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut shards: Vec<Vec<TensorSpec>> = Vec::new();
+    let mut current: Vec<TensorSpec> = Vec::new();
+    let mut size = 0u64;
+    for spec in sorted {
+        let len = spec.byte_len();
+        if !current.is_empty() && size + len > shard_size {
+            shards.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(spec);
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
+/// `W + s·(B @ A)` under `rounding`, in `W`'s dtype.
+pub fn merge_tensor(
+    w: &RawTensor,
+    m: &AdapterModule,
+    rounding: Rounding,
+) -> candle_core::Result<RawTensor> {
+    let dtype = candle_dtype(w.dtype)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{:?} is not a float", w.dtype)))?;
+    let wt = w.to_tensor()?;
+    let (a, b) = (m.a.to_dtype(DType::F32)?, m.b.to_dtype(DType::F32)?);
+    let delta = match rounding {
+        Rounding::Peft => b.matmul(&a)?.affine(m.scale, 0.0)?,
+        Rounding::Mlx => b.affine(m.scale, 0.0)?.matmul(&a)?,
+    };
+    let merged: Tensor = match (dtype, rounding) {
+        (DType::F32, _) => (wt + delta)?,
+        (DType::F64, _) => (wt + delta.to_dtype(DType::F64)?)?,
+        (_, Rounding::Peft) => (wt.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?,
+        (_, Rounding::Mlx) => (wt + delta.to_dtype(dtype)?)?,
+    };
+    RawTensor::from_tensor(&merged)
+}
