@@ -218,7 +218,7 @@ fn producers_of(outputs: &BTreeMap<&str, usize>, path: &str) -> Vec<usize> {
 pub fn missing_inputs(p: &Pipeline, dag: &Dag, root: &std::path::Path) -> Vec<SpecError> {
     let mut errors = Vec::new();
     for s in &p.stages {
-        for input in &s.inputs {
+        for (i, input) in s.inputs.iter().enumerate() {
             if !dag.producers.contains_key(&input.path)
                 && std::fs::metadata(root.join(&input.path)).is_err()
             {
@@ -231,7 +231,8 @@ pub fn missing_inputs(p: &Pipeline, dag: &Dag, root: &std::path::Path) -> Vec<Sp
                             input.path
                         ),
                     )
-                    .stage(&s.name),
+                    .stage(&s.name)
+                    .key(format!("stages.{}.inputs[{i}]", s.base_name)),
                 );
             }
         }
