@@ -127,7 +127,10 @@ impl Dag {
     /// The first dependency cycle, reported whole: `a -> b -> a`, where `x -> y` reads
     /// "x depends on y", with where each dependency is declared.
     fn cycle_error(&self, p: &Pipeline) -> Option<SpecError> {
-        let scc = tarjan_scc(&self.graph).into_iter().find(|c| c.len() > 1)?;
+        // A stage that `needs` itself is a cycle of one.
+        let scc = tarjan_scc(&self.graph)
+            .into_iter()
+            .find(|c| c.len() > 1 || self.graph.contains_edge(c[0], c[0]))?;
         let members: std::collections::HashSet<usize> =
             scc.iter().map(|&ni| self.graph[ni]).collect();
         // Walk dependencies inside the component from its first stage (in file order)
@@ -218,7 +221,7 @@ fn producers_of(outputs: &BTreeMap<&str, usize>, path: &str) -> Vec<usize> {
 pub fn missing_inputs(p: &Pipeline, dag: &Dag, root: &std::path::Path) -> Vec<SpecError> {
     let mut errors = Vec::new();
     for s in &p.stages {
-        for input in &s.inputs {
+        for (i, input) in s.inputs.iter().enumerate() {
             if !dag.producers.contains_key(&input.path)
                 && std::fs::metadata(root.join(&input.path)).is_err()
             {
@@ -231,7 +234,8 @@ pub fn missing_inputs(p: &Pipeline, dag: &Dag, root: &std::path::Path) -> Vec<Sp
                             input.path
                         ),
                     )
-                    .stage(&s.name),
+                    .stage(&s.name)
+                    .key(format!("stages.{}.inputs[{i}]", s.base_name)),
                 );
             }
         }
@@ -256,6 +260,21 @@ mod tests {
         let dag = Dag::build(&p).unwrap();
         assert_eq!(dag.deps[0], vec![1, 2]);
         assert_eq!(dag.order, vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_stage_that_needs_itself_is_a_cycle() {
+        let p = load_str(
+            Path::new("p.yaml"),
+            "version: 1\nname: t\nstages:\n  a:\n    kind: command\n    needs: [a]\n  b:\n    kind: command\n",
+            &[],
+        )
+        .unwrap();
+        let e = Dag::build(&p).unwrap_err();
+        assert_eq!(
+            e.0[0].message,
+            "dependency cycle: a -> a\n  a -> a: `needs` at line 6:13"
+        );
     }
 
     #[test]

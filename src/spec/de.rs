@@ -68,7 +68,13 @@ pub fn did_you_mean<'a>(
 ) -> Option<&'a str> {
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(got, c), c))
+        .map(|c| {
+            // Jaro-Winkler misses one-edit typos of short words (`evn` for `env`), so
+            // a single edit or swap of neighbours counts as close too.
+            let one_edit = got.chars().count() >= 3 && strsim::osa_distance(got, c) == 1;
+            let score = strsim::jaro_winkler(got, c);
+            (if one_edit { score.max(0.81) } else { score }, c)
+        })
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
@@ -392,6 +398,15 @@ mod tests {
     use super::*;
     use crate::spec::node::parse;
     use serde::Deserialize;
+
+    #[test]
+    fn did_you_mean_catches_swapped_letters_in_short_words() {
+        let keys = ["run", "env", "kill_grace"];
+        assert_eq!(did_you_mean("evn", keys), Some("env"));
+        assert_eq!(did_you_mean("rnu", keys), Some("run"));
+        assert_eq!(did_you_mean("xy", keys), None);
+        assert_eq!(did_you_mean("train", keys), None);
+    }
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]

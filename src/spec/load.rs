@@ -100,6 +100,7 @@ pub fn load_str_with(
         file,
         errors: Vec::new(),
         extra: extra_roots,
+        resource_pos: HashMap::new(),
     };
     let pipeline = loader.pipeline(source, overrides);
     if loader.errors.is_empty() {
@@ -119,6 +120,8 @@ struct Loader<'a> {
     file: &'a Path,
     errors: Vec<SpecError>,
     extra: &'a [(&'a str, Node)],
+    /// Where each `(stage, resource slot)` is written, for errors about the slot.
+    resource_pos: HashMap<(String, String), Pos>,
 }
 
 impl<'a> Loader<'a> {
@@ -154,7 +157,12 @@ impl<'a> Loader<'a> {
                     })
                     .unwrap_or_default();
                 let message = e.without_snippet().to_string();
-                let message = message.lines().next().unwrap_or("invalid YAML").to_string();
+                let message = message.lines().next().unwrap_or("invalid YAML");
+                // The position is printed in front of the message already.
+                let message = match message.rfind(" at line ") {
+                    Some(cut) if pos.is_known() => &message[..cut],
+                    _ => message,
+                };
                 self.err(pos, format!("invalid YAML: {message}"));
                 return None;
             }
@@ -467,6 +475,12 @@ impl<'a> Loader<'a> {
             }
         };
         let kind_node = node.get("kind").expect("kind is required by RawStage");
+        if let Some(slots) = node.get("resources").and_then(Node::as_map) {
+            for (k, _) in slots {
+                self.resource_pos
+                    .insert((name.to_string(), k.name.clone()), k.pos);
+            }
+        }
         let list_pos = |key: &str, i: usize| -> Pos {
             match node.get(key).map(|n| &n.value) {
                 Some(Value::Seq(items)) => items.get(i).map(|n| n.pos).unwrap_or_default(),
@@ -587,6 +601,11 @@ impl<'a> Loader<'a> {
             }
             expanded_needs.push(needs);
             for (slot, amount) in &s.resources {
+                let pos = self
+                    .resource_pos
+                    .get(&(s.name.clone(), slot.clone()))
+                    .copied()
+                    .unwrap_or(s.pos);
                 match resources.get(slot) {
                     None => {
                         let mut msg = format!(
@@ -597,7 +616,7 @@ impl<'a> Loader<'a> {
                             msg.push_str(&format!(" (did you mean \"{best}\"?)"));
                         }
                         self.errors.push(
-                            SpecError::at(self.file, s.pos, msg)
+                            SpecError::at(self.file, pos, msg)
                                 .stage(&s.name)
                                 .key(format!("stages.{}.resources.{slot}", s.base_name)),
                         );
@@ -607,7 +626,7 @@ impl<'a> Loader<'a> {
                             "asks for {amount} of resource \"{slot}\" but only {cap} exist"
                         );
                         self.errors.push(
-                            SpecError::at(self.file, s.pos, msg)
+                            SpecError::at(self.file, pos, msg)
                                 .stage(&s.name)
                                 .key(format!("stages.{}.resources.{slot}", s.base_name)),
                         );
@@ -620,15 +639,16 @@ impl<'a> Loader<'a> {
             s.needs = needs;
         }
         // One writer per output; no output inside another stage's output.
-        let mut writers: Vec<(&str, &PathDecl)> = Vec::new();
+        let mut writers: Vec<(&Stage, usize, &PathDecl)> = Vec::new();
         for s in stages.iter() {
-            for o in &s.outputs {
-                writers.push((&s.name, o));
+            for (i, o) in s.outputs.iter().enumerate() {
+                writers.push((s, i, o));
             }
         }
-        writers.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        writers.sort_by(|a, b| a.2.path.cmp(&b.2.path));
         for pair in writers.windows(2) {
-            let ((s1, o1), (s2, o2)) = (pair[0], pair[1]);
+            let ((s1, _, o1), (s2, i2, o2)) = (pair[0], pair[1]);
+            let s1 = &s1.name;
             let nested = o2.path.starts_with(&format!("{}/", o1.path));
             if o1.path == o2.path || nested {
                 let what = if nested {
@@ -642,12 +662,15 @@ impl<'a> Loader<'a> {
                         o2.path, o1.pos.line
                     )
                 };
-                self.errors
-                    .push(SpecError::at(self.file, o2.pos, what).stage(s2));
+                self.errors.push(
+                    SpecError::at(self.file, o2.pos, what)
+                        .stage(&s2.name)
+                        .key(format!("stages.{}.outputs[{i2}]", s2.base_name)),
+                );
             }
         }
         for s in stages.iter() {
-            for i in &s.inputs {
+            for (n, i) in s.inputs.iter().enumerate() {
                 for o in &s.outputs {
                     if i.path == o.path
                         || o.path.starts_with(&format!("{}/", i.path))
@@ -657,8 +680,11 @@ impl<'a> Loader<'a> {
                             "input \"{}\" overlaps output \"{}\" of the same stage",
                             i.path, o.path
                         );
-                        self.errors
-                            .push(SpecError::at(self.file, i.pos, msg).stage(&s.name));
+                        self.errors.push(
+                            SpecError::at(self.file, i.pos, msg)
+                                .stage(&s.name)
+                                .key(format!("stages.{}.inputs[{n}]", s.base_name)),
+                        );
                     }
                 }
             }
