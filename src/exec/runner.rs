@@ -235,6 +235,7 @@ impl Executor<'_> {
                                 State::Failed
                             }
                         };
+                        tracing::info!(stage = %result.stage, status = result.status.as_str(), error = ?result.error, "stage finished");
                         sink.event(&Event::StageFinished(result));
                     }
                     Err(_) => {}
@@ -365,6 +366,7 @@ impl Executor<'_> {
                 token: token.clone(),
                 deadline,
             });
+            tracing::info!(stage = %stage.name, attempt, fingerprint = %check.fingerprint, "stage attempt starts");
             let _ = tx.send(Msg::Event(Event::StageStarted {
                 stage: stage.name.clone(),
                 attempt,

@@ -193,6 +193,7 @@ pub fn make_plan(
             (Action::Skip, "up to date".to_string())
         };
         runs[i] = action == Action::Run;
+        tracing::debug!(stage = %stage.name, ?action, %reason, "planned");
         steps.push(StagePlan {
             stage: i,
             action,
