@@ -2,6 +2,7 @@
 
 pub mod dag;
 pub mod exit;
+pub mod generate;
 pub mod history;
 pub mod load;
 pub mod model;
@@ -49,6 +50,8 @@ pub enum Command {
     Inspect(model::InspectArgs),
     /// One forward pass over token ids; writes the logits as safetensors.
     Forward(model::ForwardArgs),
+    /// Generate text from a model (and an adapter); the text goes to stdout.
+    Generate(generate::GenerateArgs),
 }
 
 /// Options that select what runs (shared by `run` and `plan`).
@@ -107,5 +110,6 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Gc => history::gc(&layout),
         Command::Inspect(a) => model::inspect(&a),
         Command::Forward(a) => model::forward(&a),
+        Command::Generate(a) => generate::generate(&a),
     }
 }
