@@ -6,6 +6,7 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::eval::{self, EvalConfig};
 use crate::spec::de::{did_you_mean, from_node};
 use crate::spec::{SpecError, Stage};
 use std::path::Path;
@@ -45,9 +46,9 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "eval",
-        version: 1,
+        version: eval::VERSION,
         resumable: false,
-        unavailable: Some("the eval stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "migrate",
@@ -73,6 +74,8 @@ pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
 pub enum StageConfig {
     /// `kind: command`.
     Command(CommandConfig),
+    /// `kind: eval` (boxed: much larger than the other variants).
+    Eval(Box<EvalConfig>),
 }
 
 impl StageConfig {
@@ -80,6 +83,7 @@ impl StageConfig {
     pub fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         match self {
             StageConfig::Command(c) => command::run(c, ctx),
+            StageConfig::Eval(c) => eval::run(c, ctx),
         }
     }
 }
@@ -109,6 +113,16 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
         "command" => from_node(&stage.with)
             .map(StageConfig::Command)
             .map_err(de_err),
+        "eval" => {
+            let cfg: EvalConfig = from_node(&stage.with).map_err(de_err)?;
+            let outputs: Vec<&str> = stage.outputs.iter().map(|o| o.path.as_str()).collect();
+            cfg.validate(&outputs).map_err(|p| {
+                SpecError::at(file, stage.with.pos, p.message)
+                    .stage(&stage.name)
+                    .key(format!("{key}.{}", p.key))
+            })?;
+            Ok(StageConfig::Eval(Box::new(cfg)))
+        }
         other => Err(SpecError::at(
             file,
             stage.kind.pos,

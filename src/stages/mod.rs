@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod context;
+pub mod eval;
 pub mod kinds;
 
 pub use context::{CancelToken, StageContext, StageError, StageEvent, StopReason};
