@@ -132,9 +132,10 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
     }
 }
 
-/// The sampling distribution after temperature, top-k and top-p: `(token, probability)`
-/// sorted by decreasing logit (lower id first on ties), probabilities summing to 1.
-/// Expects a positive temperature.
+/// The sampling distribution after temperature, top-k and top-p: `(token, probability)`,
+/// probabilities summing to 1. When top-k or top-p cut it, the entries are sorted by
+/// decreasing logit (lower id first on ties); otherwise they are in id order (sorting a
+/// whole vocabulary would change nothing but the cost). Expects a positive temperature.
 pub fn distribution(logits: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f64)> {
     let t = if cfg.temperature > 0.0 {
         cfg.temperature
@@ -155,41 +156,61 @@ pub fn distribution(logits: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f64)> {
             .unwrap_or(Ordering::Equal)
             .then(a.0.cmp(&b.0))
     };
-    match cfg.top_k {
-        Some(k) if k > 0 && k < cand.len() => {
-            cand.select_nth_unstable_by(k - 1, order);
-            cand.truncate(k);
-        }
-        _ => {}
+    let cut_k = matches!(cfg.top_k, Some(k) if k > 0 && k < cand.len());
+    if let Some(k) = cfg.top_k.filter(|_| cut_k) {
+        cand.select_nth_unstable_by(k - 1, order);
+        cand.truncate(k);
+        cand.sort_unstable_by(order);
     }
-    cand.sort_unstable_by(order);
-    let max = cand[0].1 as f64;
-    let mut dist: Vec<(u32, f64)> = cand
-        .iter()
-        .map(|&(i, v)| (i, ((v as f64 - max) / t).exp()))
-        .collect();
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weight = |v: f32| ((v as f64 - max) / t).exp();
+    if let Some(p) = cfg.top_p.filter(|&p| p < 1.0) {
+        let total: f64 = cand.iter().map(|c| weight(c.1)).sum();
+        // Sort a growing head until its mass reaches p: top-p usually keeps few tokens,
+        // so this costs a few linear passes instead of sorting the vocabulary.
+        let mut k = cand.len().min(64);
+        loop {
+            if !cut_k {
+                if k < cand.len() {
+                    cand.select_nth_unstable_by(k - 1, order);
+                }
+                cand[..k].sort_unstable_by(order);
+            }
+            let head: Vec<(u32, f64)> = cand[..k]
+                .iter()
+                .map(|c| (c.0, weight(c.1) / total))
+                .collect();
+            if let Some(keep) = reach(&head, p) {
+                cand.truncate(keep);
+                break;
+            }
+            if k == cand.len() {
+                break;
+            }
+            k = (k * 4).min(cand.len());
+        }
+    }
+    let mut dist: Vec<(u32, f64)> = cand.iter().map(|&(i, v)| (i, weight(v))).collect();
     normalise(&mut dist);
-    if let Some(p) = cfg.top_p {
-        if p < 1.0 {
-            let keep = top_p_count(&dist, p);
-            dist.truncate(keep);
-            normalise(&mut dist);
-        }
-    }
     dist
 }
 
 /// How many leading entries of `sorted` (probabilities in decreasing order, summing to 1)
 /// top-p keeps: the smallest prefix whose mass reaches `p`, at least one.
 pub fn top_p_count(sorted: &[(u32, f64)], p: f64) -> usize {
+    reach(sorted, p).unwrap_or(sorted.len()).max(1)
+}
+
+/// The length of the shortest prefix whose mass reaches `p`, if one does.
+fn reach(sorted: &[(u32, f64)], p: f64) -> Option<usize> {
     let mut mass = 0.0;
     for (n, (_, prob)) in sorted.iter().enumerate() {
         mass += prob;
         if mass >= p {
-            return n + 1;
+            return Some(n + 1);
         }
     }
-    sorted.len().max(1)
+    None
 }
 
 /// The token whose cumulative-probability interval holds `u` in `[0, 1)`.
@@ -298,7 +319,7 @@ mod tests {
         assert_eq!(kept(0.76), [1, 2, 0]);
         assert_eq!(kept(0.87), [1, 2, 0]);
         assert_eq!(kept(0.99), [1, 2, 0, 3]);
-        assert_eq!(kept(1.0), [1, 2, 0, 3]);
+        assert_eq!(kept(1.0), [0, 1, 2, 3]); // no cut: id order
         // Directly on sorted probabilities, and renormalised after the cut.
         let sorted = [(1, 0.5), (2, 0.25), (0, 0.125), (3, 0.125)];
         assert_eq!(top_p_count(&sorted, 0.5), 1);
@@ -306,6 +327,40 @@ mod tests {
         assert_eq!(top_p_count(&sorted, 0.7500001), 3);
         let d = distribution(&logits, &cfg(1.0, None, Some(0.75)));
         assert!((d[0].1 - 2.0 / 3.0).abs() < 1e-6 && (d[1].1 - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_p_on_a_large_vocabulary_equals_sorting_everything() {
+        for (seed, scale) in [(1u64, 1.0f32), (2, 0.05), (3, 8.0)] {
+            let logits: Vec<f32> = random_logits(5000, seed)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            for p in [0.3, 0.9, 0.99, 0.9999] {
+                let got: Vec<u32> = distribution(&logits, &cfg(0.8, None, Some(p)))
+                    .iter()
+                    .map(|d| d.0)
+                    .collect();
+                let mut all: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, v))
+                    .collect();
+                all.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+                let w: Vec<f64> = all
+                    .iter()
+                    .map(|c| ((c.1 as f64 - all[0].1 as f64) / 0.8).exp())
+                    .collect();
+                let z: f64 = w.iter().sum();
+                let sorted: Vec<(u32, f64)> =
+                    all.iter().zip(&w).map(|(c, w)| (c.0, w / z)).collect();
+                let want: Vec<u32> = sorted[..top_p_count(&sorted, p)]
+                    .iter()
+                    .map(|d| d.0)
+                    .collect();
+                assert_eq!(got, want, "seed {seed} scale {scale} p {p}");
+            }
+        }
     }
 
     #[test]
@@ -322,10 +377,11 @@ mod tests {
     #[test]
     fn temperature_sharpens_and_flattens() {
         let logits = [0.0f32, 1.0];
+        // Without a cut the entries stay in id order.
         let p = |t| distribution(&logits, &cfg(t, None, None))[0].1;
         let e = std::f64::consts::E;
-        assert!((p(1.0) - e / (1.0 + e)).abs() < 1e-9);
-        assert!(p(0.5) > p(1.0) && p(2.0) < p(1.0));
+        assert!((p(1.0) - 1.0 / (1.0 + e)).abs() < 1e-9);
+        assert!(p(0.5) < p(1.0) && p(2.0) > p(1.0));
     }
 
     #[test]
