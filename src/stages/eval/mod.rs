@@ -2,7 +2,7 @@
 //! base alone, checks metric gates and records sample generations.
 //!
 //! Eval loss is the mean next-token cross-entropy over the targets the shards' loss masks
-//! mark ([`data`] for the mask convention, [`score`] for the batching); perplexity is its
+//! mark ([`data`] for the mask convention, [`mod@score`] for the batching); perplexity is its
 //! exponential. Metrics go to the ledger (`eval/loss`, `eval/perplexity`, `eval/tokens`,
 //! `eval/rows`, `eval/base_loss`, `eval/base_perplexity`, `eval/improvement`), the rest to
 //! the JSON report ([`report`]). A failed gate ([`gates`]) fails the stage with
