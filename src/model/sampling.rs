@@ -319,7 +319,8 @@ mod tests {
         assert_eq!(kept(0.76), [1, 2, 0]);
         assert_eq!(kept(0.87), [1, 2, 0]);
         assert_eq!(kept(0.99), [1, 2, 0, 3]);
-        assert_eq!(kept(1.0), [0, 1, 2, 3]); // no cut: id order
+        // No cut: id order.
+        assert_eq!(kept(1.0), [0, 1, 2, 3]);
         // Directly on sorted probabilities, and renormalised after the cut.
         let sorted = [(1, 0.5), (2, 0.25), (0, 0.125), (3, 0.125)];
         assert_eq!(top_p_count(&sorted, 0.5), 1);
