@@ -3,6 +3,7 @@
 pub mod dag;
 pub mod exit;
 pub mod export;
+pub mod generate;
 pub mod history;
 pub mod load;
 pub mod model;
@@ -55,6 +56,8 @@ pub enum Command {
     Inspect(model::InspectArgs),
     /// One forward pass over token ids; writes the logits as safetensors.
     Forward(model::ForwardArgs),
+    /// Generate text from a model (and an adapter); the text goes to stdout.
+    Generate(generate::GenerateArgs),
 }
 
 /// Options that select what runs (shared by `run` and `plan`).
@@ -115,5 +118,6 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Export(a) => export::export(&layout, &a),
         Command::Inspect(a) => model::inspect(&a),
         Command::Forward(a) => model::forward(&a),
+        Command::Generate(a) => generate::generate(&a),
     }
 }

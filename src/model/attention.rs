@@ -6,12 +6,14 @@
 //! of query heads without materialising repeated copies: the query heads of one group
 //! are folded into the sequence axis of a single matmul.
 //!
-//! The forward takes a position offset so that a KV cache can be added later.
+//! [`Attention::forward_cached`] is the incremental path: it appends the new keys and
+//! values to a [`LayerCache`] and attends over all cached positions.
 
 use candle_core::{ModuleT, Tensor, D};
 
 use super::config::ModelConfig;
 use super::error::ModelError;
+use super::kv_cache::LayerCache;
 use super::lora::LoraLinear;
 use super::norm::internal_dtype;
 use super::rope::apply_rope;
@@ -69,31 +71,75 @@ impl Attention {
         bias: &Tensor,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.project(x, cos, sin, train)?;
+        self.attend(&q, &k, &v, Some(bias), train)
+    }
+
+    /// The incremental forward: `x` `[b, s, hidden]` holds the `s` positions after those
+    /// in `cache` (`cos`/`sin` are for those positions), whose keys and values are
+    /// appended to the cache. `bias` `[1 or b, 1, s, cached + s]` masks future keys; it
+    /// may be `None` when `s` is 1 (one new query sees every key). Inference only.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.project(x, cos, sin, false)?;
+        let (k, v) = cache.append(&k, &v)?;
+        self.attend(&q, &k, &v, bias, false)
+    }
+
+    /// Queries `[b, heads, s, hd]` and keys/values `[b, kv_heads, s, hd]`, rope applied.
+    fn project(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let groups = nh / nkv;
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
         };
         let q = heads(self.q_proj.forward_t(x, train)?, nh)?;
         let k = heads(self.k_proj.forward_t(x, train)?, nkv)?;
         let v = heads(self.v_proj.forward_t(x, train)?, nkv)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+    }
 
+    /// Attention of `s` queries over `t` keys (`t = s` without a cache), then `o_proj`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let t = k.dim(2)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nh / nkv;
         // Query head i reads kv head i / groups: fold each group into the row axis.
         let q = q.reshape((b, nkv, groups * s, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let dtype = scores.dtype();
         let scores = scores
             .to_dtype(internal_dtype(dtype))?
-            .reshape((b, nkv, groups, s, s))?
-            .broadcast_add(&bias.unsqueeze(2)?)?;
+            .reshape((b, nkv, groups, s, t))?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(&bias.unsqueeze(2)?)?,
+            None => scores,
+        };
         let probs = softmax_last_dim(&scores)?
             .to_dtype(dtype)?
-            .reshape((b, nkv, groups * s, s))?;
+            .reshape((b, nkv, groups * s, t))?;
         let out = probs
-            .matmul(&v)?
+            .matmul(v)?
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;

@@ -5,6 +5,9 @@
 //! The training forward maps a full sequence to logits and is differentiable end to end
 //! with respect to any LoRA weights attached to the projections; the base weights are
 //! plain tensors behind frozen linears and never receive a gradient.
+//!
+//! The incremental forward ([`Llama::forward_cached`]) feeds new tokens against a
+//! [`KvCache`] for generation.
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
 
@@ -12,8 +15,9 @@ use super::attention::Attention;
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::frozen::FrozenLinear;
+use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{DropoutSeed, LoraLinear};
-use super::mask::attention_bias;
+use super::mask::{attention_bias, causal_bias_after};
 use super::mlp::Mlp;
 use super::norm::{internal_dtype, RmsNorm};
 use super::rope::RotaryEmbedding;
@@ -52,6 +56,30 @@ impl DecoderLayer {
         let h = self.post_attention_layernorm.forward(&x)?;
         x + self.mlp.forward_t(&h, train)?
     }
+
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward_cached(&h, cos, sin, bias, cache)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        x + self.mlp.forward_t(&h, false)?
+    }
+}
+
+/// Which positions [`Llama::forward_cached`] computes logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every new position: `[batch, new, vocab]`.
+    All,
+    /// Only the last new position: `[batch, 1, vocab]` (what decoding needs; skips the
+    /// LM head for the rest of a prompt).
+    Last,
 }
 
 /// A causal language model of the Llama family.
@@ -168,6 +196,55 @@ impl Llama {
         let bias = attention_bias(b, s, attention_mask, internal_dtype(dtype), self.device())?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &bias, train)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// The incremental forward of inference: `input_ids` `[batch, new]` (u32) are the
+    /// tokens at positions `cache.seq_len()..` of sequences whose earlier positions are
+    /// in `cache`; their keys and values are appended to it. No padding, no dropout.
+    /// Gives the logits a full [`Llama::forward`] over the whole sequence gives at those
+    /// positions.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        at: LogitsAt,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s == 0 {
+            candle_core::bail!("forward_cached needs at least one new token")
+        }
+        let offset = cache.seq_len();
+        let dtype = self.dtype();
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.cos_sin(offset, s, dtype, self.device())?;
+        let bias = if s > 1 {
+            Some(causal_bias_after(
+                offset,
+                s,
+                internal_dtype(dtype),
+                self.device(),
+            )?)
+        } else {
+            None
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(lc) = cache.layer_mut(i) else {
+                candle_core::bail!("the KV cache has fewer layers than the model")
+            };
+            x = layer.forward_cached(&x, &cos, &sin, bias.as_ref(), lc)?;
+        }
+        if at == LogitsAt::Last && s > 1 {
+            x = x.narrow(1, s - 1, 1)?.contiguous()?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
     }

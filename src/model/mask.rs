@@ -42,6 +42,21 @@ pub fn attention_bias(
     }
 }
 
+/// `[1, 1, new, cached + new]` causal bias for `new` queries at positions
+/// `cached..cached + new` over every key up to the last of them (a KV-cache step).
+pub fn causal_bias_after(
+    cached: usize,
+    new: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = cached + new;
+    let bias: Vec<f32> = (0..new)
+        .flat_map(|i| (0..total).map(move |j| if j <= cached + i { 0.0 } else { MASKED as f32 }))
+        .collect();
+    Tensor::from_vec(bias, (1, 1, new, total), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +74,16 @@ mod tests {
             .unwrap();
         let m = MASKED as f32;
         assert_eq!(rows, vec![vec![0., m, m], vec![0., 0., m], vec![0., 0., m]]);
+    }
+
+    #[test]
+    fn bias_after_a_cache_sees_every_cached_key() {
+        let bias = causal_bias_after(2, 2, DType::F32, &Device::Cpu).unwrap();
+        let rows = bias.squeeze(0).unwrap().squeeze(0).unwrap();
+        let m = MASKED as f32;
+        assert_eq!(
+            rows.to_vec2::<f32>().unwrap(),
+            vec![vec![0., 0., 0., m], vec![0., 0., 0., 0.]]
+        );
     }
 }

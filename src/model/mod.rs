@@ -1,5 +1,6 @@
 //! Candle model code: config, weight loading, the Llama/Qwen2 decoder, the frozen
-//! linear, LoRA, and the entry points the CLI calls.
+//! linear, LoRA, generation (KV cache, sampling, tokenizer) and the entry points the
+//! CLI calls.
 
 pub mod adapt;
 pub mod api;
@@ -8,7 +9,9 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod frozen;
+pub mod generate;
 pub mod inspect;
+pub mod kv_cache;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -18,6 +21,8 @@ pub mod mask;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use adapt::{attach_adapter, init_lora, lora_a_name, lora_b_name};
@@ -25,9 +30,13 @@ pub use api::{forward_logits, ids_tensor, read_input_ids, write_logits};
 pub use config::{Architecture, ModelConfig};
 pub use device::DeviceChoice;
 pub use error::ModelError;
+pub use generate::{generate, generate_with, GenerateOptions, Generation, StopCause};
 pub use inspect::{inspect, InspectKind, InspectReport};
-pub use llama::Llama;
+pub use kv_cache::KvCache;
+pub use llama::{Llama, LogitsAt};
 pub use load::{load_model, parse_compute_dtype, ModelDir};
 pub use lora::DropoutSeed;
 pub use lora_config::{LayerSelection, LoraConfig, Targets};
 pub use loss::causal_lm_loss;
+pub use sampling::{Sampler, SamplingConfig};
+pub use tokenizer::{ChatTemplate, TextTokenizer};

@@ -6,6 +6,7 @@
 
 use super::command::{self, CommandConfig};
 use super::context::{StageContext, StageError};
+use super::eval::{self, EvalConfig};
 use super::merge::{self, MergeConfig};
 use super::migrate::{self, MigrateConfig};
 use super::tokenize::{self, TokenizeConfig, TokenizeError};
@@ -50,9 +51,9 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "eval",
-        version: 1,
+        version: eval::VERSION,
         resumable: false,
-        unavailable: Some("the eval stage is not supported yet"),
+        unavailable: None,
     },
     KindInfo {
         name: "migrate",
@@ -86,6 +87,8 @@ pub enum StageConfig {
     Migrate(MigrateConfig),
     /// `kind: merge`.
     Merge(MergeConfig),
+    /// `kind: eval` (boxed: much larger than the other variants).
+    Eval(Box<EvalConfig>),
 }
 
 impl StageConfig {
@@ -97,6 +100,7 @@ impl StageConfig {
             StageConfig::Train(c) => train::run(c, ctx),
             StageConfig::Migrate(c) => migrate::run(c, ctx),
             StageConfig::Merge(c) => merge::run(c, ctx),
+            StageConfig::Eval(c) => eval::run(c, ctx),
         }
     }
 }
@@ -151,6 +155,16 @@ pub fn configure(file: &Path, stage: &Stage) -> Result<StageConfig, SpecError> {
         "merge" => from_node(&stage.with)
             .map(StageConfig::Merge)
             .map_err(de_err),
+        "eval" => {
+            let cfg: EvalConfig = from_node(&stage.with).map_err(de_err)?;
+            let outputs: Vec<&str> = stage.outputs.iter().map(|o| o.path.as_str()).collect();
+            cfg.validate(&outputs).map_err(|p| {
+                SpecError::at(file, stage.with.pos, p.message)
+                    .stage(&stage.name)
+                    .key(format!("{key}.{}", p.key))
+            })?;
+            Ok(StageConfig::Eval(Box::new(cfg)))
+        }
         other => Err(SpecError::at(
             file,
             stage.kind.pos,

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod context;
+pub mod eval;
 pub mod kinds;
 pub mod merge;
 pub mod migrate;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Eval throughput (scored tokens/s), taper's eval stage vs PyTorch, on the bench-size
+# Llama (hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192, random weights),
+# the same rows, batch size and thread count (RAYON_NUM_THREADS / torch.set_num_threads).
+#
+#   bash benches/eval_compare.sh [ROWS] [SEQ] [BATCH] [THREADS]   (default 32 256 4 2)
+#
+# Needs: a release build of taper (built here if missing; or set TAPER=path), python3
+# with numpy and pyarrow, and torch (transformers' LlamaForCausalLM is used when
+# installed, else the same math in plain torch). taper's time is the eval stage's
+# duration from the ledger (model load + shard read + scoring), best of 3; PyTorch's is
+# the scoring loop alone, best of 3, so the comparison slightly favours PyTorch.
+set -euo pipefail
+ROWS=${1:-32}; SEQ=${2:-256}; BATCH=${3:-4}; THREADS=${4:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+TAPER=${TAPER:-$TARGET/release/taper}
+if [ ! -x "$TAPER" ]; then (cd "$ROOT" && cargo build --release --bin taper); fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+python3 "$ROOT/benches/eval_compare.py" make "$WORK" --rows "$ROWS" --seq "$SEQ" --batch "$BATCH"
+
+best=""
+for i in 1 2 3; do
+  (cd "$WORK" && RAYON_NUM_THREADS=$THREADS "$TAPER" run --force-all pipeline.yaml >/dev/null)
+  s=$(cd "$WORK" && "$TAPER" show --json | python3 -c \
+      'import json,sys; print([s for s in json.load(sys.stdin)["stages"] if s["stage"]=="eval"][0]["duration_s"])')
+  if [ -z "$best" ] || python3 -c "import sys; sys.exit(not $s < $best)"; then best=$s; fi
+done
+taper_loss=$(python3 -c "import json; print(json.load(open('$WORK/reports/eval.json'))['eval']['loss'])")
+tokens=$(python3 -c "import json; print(json.load(open('$WORK/reports/eval.json'))['eval']['tokens'])")
+
+torch_json=$(python3 "$ROOT/benches/eval_compare.py" torch "$WORK" --batch "$BATCH" --threads "$THREADS")
+python3 - "$best" "$taper_loss" "$tokens" "$torch_json" <<'PY'
+import json, sys
+t_s, t_loss, tokens, tj = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+t_tps, p_tps = tokens / t_s, tj["tokens"] / tj["seconds"]
+print(f"taper eval: {tokens} tokens in {t_s:.3f}s = {t_tps:,.0f} tokens/s (loss {t_loss:.6f})")
+print(f"pytorch ({tj['impl']}): {tj['tokens']} tokens in {tj['seconds']:.3f}s = {p_tps:,.0f} tokens/s (loss {tj['loss']:.6f})")
+print(f"taper / pytorch: {t_tps / p_tps:.2f}x   |loss diff| {abs(t_loss - tj['loss']):.2e}")
+PY

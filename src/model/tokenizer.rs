@@ -1,0 +1,231 @@
+//! Text in and out of a model folder's `tokenizer.json`, for generation: the prompt
+//! (optionally in a chat template) to ids with the model's BOS in front, generated ids
+//! back to text, and the tokens that end a generation.
+//!
+//! BOS and EOS are found as the tokenize stage finds them, so a prompt looks like the
+//! start of a training row: `tokenizer_config.json`'s `bos_token` / `eos_token` (a string
+//! or `{content}`; `null` = none), else the first special token of the vocabulary among
+//! the usual names. Generation also stops at `generation_config.json`'s `eos_token_id`
+//! (a number or a list) and, with a chat template, at the template's end-of-turn marker.
+//!
+//! The chat templates render one user turn and the assistant header, exactly as the
+//! tokenize stage renders those messages (no system prompt is added).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::error::ModelError;
+
+const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
+const EOS_NAMES: &[&str] = &[
+    "</s>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<eos>",
+    "<|eot_id|>",
+];
+
+/// A chat format for prompts (the tokenize stage's `chat_template` values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatTemplate {
+    /// `<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n`; stops at
+    /// `<|im_end|>`.
+    #[default]
+    Chatml,
+    /// `<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>` +
+    /// `<|start_header_id|>assistant<|end_header_id|>\n\n` (prompt trimmed); stops at
+    /// `<|eot_id|>`.
+    Llama3,
+}
+
+impl ChatTemplate {
+    /// A single user turn followed by the assistant's header.
+    pub fn render(self, prompt: &str) -> String {
+        match self {
+            Self::Chatml => {
+                format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+            }
+            Self::Llama3 => format!(
+                "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>\
+                 <|start_header_id|>assistant<|end_header_id|>\n\n",
+                prompt.trim()
+            ),
+        }
+    }
+
+    /// The marker that ends the assistant's turn.
+    pub fn end_of_turn(self) -> &'static str {
+        match self {
+            Self::Chatml => "<|im_end|>",
+            Self::Llama3 => "<|eot_id|>",
+        }
+    }
+}
+
+impl std::str::FromStr for ChatTemplate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "chatml" => Ok(Self::Chatml),
+            "llama3" => Ok(Self::Llama3),
+            other => Err(format!(
+                "unknown chat template `{other}` (expected chatml or llama3)"
+            )),
+        }
+    }
+}
+
+/// A model's tokenizer with its BOS and stop tokens.
+#[derive(Clone, Debug)]
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    /// Put before every prompt, if the model has one.
+    pub bos: Option<u32>,
+    /// Tokens that end a generation (EOS and friends), sorted, without duplicates.
+    pub stop: Vec<u32>,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` of the model folder `dir` and resolves BOS and EOS from the
+    /// files beside it.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join(super::load::TOKENIZER);
+        let fail = |message: String| ModelError::InvalidInput {
+            what: path.display().to_string(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(fail("no tokenizer.json in the model folder".into()));
+        }
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| fail(e.to_string()))?;
+        tokenizer.with_padding(None);
+        let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let generation = read_optional_json(&dir.join("generation_config.json"))?;
+        let bos = resolve(&tokenizer, config.as_ref(), "bos_token", BOS_NAMES);
+        let eos = resolve(&tokenizer, config.as_ref(), "eos_token", EOS_NAMES);
+        let mut stop: Vec<u32> = eos.into_iter().collect();
+        match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+            Some(serde_json::Value::Number(n)) => stop.extend(n.as_u64().map(|n| n as u32)),
+            Some(serde_json::Value::Array(ids)) => {
+                stop.extend(ids.iter().filter_map(|n| n.as_u64()).map(|n| n as u32))
+            }
+            _ => {}
+        }
+        stop.sort_unstable();
+        stop.dedup();
+        Ok(Self {
+            tokenizer,
+            path,
+            bos,
+            stop,
+        })
+    }
+
+    /// The ids of `prompt`: BOS (if any), then the text, rendered in `chat` first when
+    /// given. The tokenizer's own post-processor adds nothing.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        chat: Option<ChatTemplate>,
+    ) -> Result<Vec<u32>, ModelError> {
+        let text = match chat {
+            Some(t) => t.render(prompt),
+            None => prompt.to_string(),
+        };
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| self.fail(e.to_string()))?;
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The stop tokens for a generation in `chat` (adds its end-of-turn marker when the
+    /// vocabulary has it).
+    pub fn stop_tokens(&self, chat: Option<ChatTemplate>) -> Vec<u32> {
+        let mut stop = self.stop.clone();
+        if let Some(id) = chat.and_then(|t| self.tokenizer.token_to_id(t.end_of_turn())) {
+            stop.push(id);
+            stop.sort_unstable();
+            stop.dedup();
+        }
+        stop
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| self.fail(e.to_string()))
+    }
+
+    fn fail(&self, message: String) -> ModelError {
+        ModelError::InvalidInput {
+            what: self.path.display().to_string(),
+            message,
+        }
+    }
+}
+
+fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, ModelError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A special token's id: named by `key` in `tokenizer_config.json`, else the first of
+/// `names` the vocabulary has. An explicit `null` means none.
+fn resolve(
+    tokenizer: &Tokenizer,
+    config: Option<&serde_json::Value>,
+    key: &str,
+    names: &[&str],
+) -> Option<u32> {
+    match config.and_then(|c| c.get(key)) {
+        Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => tokenizer.token_to_id(s),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .and_then(|s| tokenizer.token_to_id(s)),
+        _ => names.iter().find_map(|n| tokenizer.token_to_id(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_one_user_turn_and_the_assistant_header() {
+        assert_eq!(
+            ChatTemplate::Chatml.render("Hi"),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            ChatTemplate::Llama3.render(" Hi "),
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        assert!("phi".parse::<ChatTemplate>().unwrap_err().contains("phi"));
+    }
+}
