@@ -19,15 +19,18 @@ pub fn run_stage(cfg: &TokenizeConfig, ctx: &StageContext<'_>) -> Result<(), Sta
         .map_err(|e| StageError::Failed(format!("cannot create {}: {e}", out.path)))?;
     let cancel = AtomicBool::new(false);
     let done = AtomicBool::new(false);
+    let started = std::time::Instant::now();
     let progress = |p: &Progress| {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
         ctx.emit(StageEvent::Progress {
-            done: p.records,
-            total: None,
-            unit: "records".into(),
+            done: p.bytes_read,
+            total: Some(p.bytes_total),
+            unit: "bytes".into(),
             message: format!(
-                "{} tokens, {:.1} MB read",
-                p.tokens,
-                p.bytes_read as f64 / 1e6
+                "{:.1} MB/s, {:.0} records/s, {} tokens",
+                p.bytes_read as f64 / 1e6 / secs,
+                p.records as f64 / secs,
+                p.tokens
             ),
         })
     };
