@@ -3,6 +3,7 @@
 pub mod dag;
 pub mod exit;
 pub mod export;
+pub mod formats;
 pub mod history;
 pub mod load;
 pub mod model;
@@ -55,6 +56,10 @@ pub enum Command {
     Inspect(model::InspectArgs),
     /// One forward pass over token ids; writes the logits as safetensors.
     Forward(model::ForwardArgs),
+    /// Convert an adapter between PEFT, mlx-lm and taper, or import a GGUF checkpoint.
+    Migrate(formats::MigrateArgs),
+    /// Merge an adapter into its base model; writes a Hugging Face model folder.
+    Merge(formats::MergeArgs),
 }
 
 /// Options that select what runs (shared by `run` and `plan`).
@@ -115,5 +120,7 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Export(a) => export::export(&layout, &a),
         Command::Inspect(a) => model::inspect(&a),
         Command::Forward(a) => model::forward(&a),
+        Command::Migrate(a) => formats::migrate(&a),
+        Command::Merge(a) => formats::merge(&a),
     }
 }

@@ -103,6 +103,12 @@ pub fn migrate(
              GGUF files go to hf"
         )));
     };
+    if let Some(dtype) = &options.dtype {
+        return Err(FormatError::Usage(format!(
+            "dtype `{dtype}` applies to a GGUF import only: adapters are converted in their \
+             stored dtype"
+        )));
+    }
     let found = AdapterKind::detect(input)?;
     if found != from_kind {
         return Err(FormatError::UnknownFormat {
