@@ -7,7 +7,8 @@
 
 mod train_util;
 
-use taper::formats::native::{self, BaseModel};
+use taper::formats::checkpoint::Checkpoint;
+use taper::formats::native;
 use taper::formats::{read_adapter, AdapterFormat};
 use taper::stages::{StageError, StageEvent, StopReason};
 use train_util::{run, text_rows, Report, Row, Workspace};
@@ -85,19 +86,18 @@ fn learns_a_patterned_corpus_and_writes_a_native_adapter() {
     let adapter = read_adapter(&out).unwrap();
     assert_eq!(adapter.format, AdapterFormat::Native);
     assert_eq!(adapter.modules.len(), 2 * 7);
-    let (_, info) = native::read_with_info(&out).unwrap();
-    assert_eq!(
-        info.base_model,
-        BaseModel::of_dir(&ws.path().join("models/base")).unwrap()
-    );
+    let raw = native::read(&out).unwrap();
+    let base = Checkpoint::open(&ws.path().join("models/base")).unwrap();
+    assert_eq!(raw.base, Some(base.identity().unwrap()));
     let config_hash =
         blake3::hash(&std::fs::read(ws.path().join("models/base/config.json")).unwrap());
     assert_eq!(
-        info.base_model.config_blake3,
+        raw.base.as_ref().unwrap().config_hash,
         config_hash.to_hex().to_string()
     );
-    assert_eq!(info.training["steps"], 80);
-    assert_eq!(info.training["config"]["optimizer"]["lr"], 1e-2);
+    let info = raw.training.expect("a training record");
+    assert_eq!(info["steps"], 80);
+    assert_eq!(info["config"]["optimizer"]["lr"], 1e-2);
     assert!(
         !staging.join("checkpoints").exists()
             || std::fs::read_dir(staging.join("checkpoints"))
@@ -302,4 +302,78 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint()
         .join("state.json")
         .is_file());
     assert!(!staging.join("adapters/run").exists());
+}
+
+#[test]
+fn a_trained_adapter_migrates_to_peft_and_mlx_and_merges_into_its_base_only() {
+    use taper::formats::{merge, migrate, MigrateFormat as F, MigrateOptions, Rounding};
+    let ws = Workspace::new(&counting_rows(8, 12, 2, 5), &counting_rows(2, 12, 2, 6));
+    let staging = ws.staging("train");
+    let with = "base_model: models/base\ndata: {train: tokens/train}\n\
+                lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, o_proj]}\n\
+                optimizer: {lr: 1e-2}\nbatch_size: 2\nmax_steps: 3\ndevice: cpu\n";
+    run(&ws, &staging, with, |_, _| {}).0.unwrap();
+    let trained = staging.join("adapters/run");
+    let base = ws.path().join("models/base");
+    let out = ws.path().join("out");
+    let with_base = MigrateOptions {
+        base: Some(base.clone()),
+        dtype: None,
+    };
+    for (to, name) in [(F::Peft, "peft"), (F::Mlx, "mlx"), (F::Taper, "taper")] {
+        migrate(F::Taper, to, &trained, &out.join(name), &with_base).unwrap();
+    }
+    // Same values whatever the format, and taper -> taper keeps the bytes.
+    let native = read_adapter(&trained).unwrap();
+    for name in ["peft", "mlx"] {
+        let other = read_adapter(&out.join(name)).unwrap();
+        assert_eq!(other.modules.len(), native.modules.len(), "{name}");
+        for (module, m) in &native.modules {
+            let o = &other.modules[module];
+            assert_eq!(o.scale, m.scale, "{name} {module}");
+            for (x, y) in [(&o.a, &m.a), (&o.b, &m.b)] {
+                assert_eq!(
+                    x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{name} {module}"
+                );
+            }
+        }
+    }
+    assert_eq!(read_bytes(&out.join("taper")), read_bytes(&trained));
+
+    let report = merge(
+        &base,
+        &trained,
+        &out.join("merged"),
+        Rounding::Peft,
+        taper::formats::DEFAULT_SHARD_SIZE,
+    )
+    .unwrap();
+    assert_eq!(report.merged, 2 * 3);
+    taper::model::inspect(&out.join("merged")).unwrap();
+
+    // Another base (the same architecture, other weights) is refused by its identity.
+    let other = ws.path().join("models/other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(base.join("config.json"), other.join("config.json")).unwrap();
+    std::fs::copy(
+        train_util::fixture("peft-merged-llama").join("model.safetensors"),
+        other.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = merge(
+        &other,
+        &trained,
+        &out.join("wrong"),
+        Rounding::Peft,
+        taper::formats::DEFAULT_SHARD_SIZE,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("base_model") && err.contains("weights hash"),
+        "{err}"
+    );
+    assert!(!out.join("wrong").exists());
 }

@@ -138,12 +138,18 @@ pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
         .filter(|s| s.run_id == run.run_id)
         .collect();
     let mut last_metric: BTreeMap<(String, String), (i64, f64)> = BTreeMap::new();
+    let mut series: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
     for m in ledger
         .read::<MetricRow>()?
         .into_iter()
         .filter(|m| m.run_id == run.run_id)
     {
-        last_metric.insert((m.stage, m.name), (m.step, m.value));
+        let key = (m.stage, m.name);
+        series
+            .entry(key.clone())
+            .or_default()
+            .push((m.step, m.value));
+        last_metric.insert(key, (m.step, m.value));
     }
     let retries = ledger
         .read::<EventRow>()?
@@ -159,6 +165,11 @@ pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
                     .filter(|((stage, _), _)| *stage == s.stage)
                     .map(|((_, n), (_, v))| (n.as_str(), *v))
                     .collect();
+                let steps: BTreeMap<&str, &Vec<(i64, f64)>> = series
+                    .iter()
+                    .filter(|((stage, _), _)| *stage == s.stage)
+                    .map(|((_, n), points)| (n.as_str(), points))
+                    .collect();
                 serde_json::json!({
                     "stage": s.stage, "kind": s.kind, "status": s.status, "reason": s.reason,
                     "attempt": s.attempt, "started_at": rfc3339(s.started_at),
@@ -166,6 +177,7 @@ pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
                     "fingerprint": s.fingerprint, "error": s.error,
                     "outputs": s.outputs.iter().map(|o| serde_json::json!({"path": o.path, "hash": o.hash, "bytes": o.bytes})).collect::<Vec<_>>(),
                     "metrics": metrics,
+                    "series": steps,
                 })
             })
             .collect();

@@ -4,6 +4,7 @@ pub mod dag;
 pub mod exit;
 pub mod export;
 pub mod generate;
+pub mod formats;
 pub mod history;
 pub mod load;
 pub mod model;
@@ -58,6 +59,10 @@ pub enum Command {
     Forward(model::ForwardArgs),
     /// Generate text from a model (and an adapter); the text goes to stdout.
     Generate(generate::GenerateArgs),
+    /// Convert an adapter between PEFT, mlx-lm and taper, or import a GGUF checkpoint.
+    Migrate(formats::MigrateArgs),
+    /// Merge an adapter into its base model; writes a Hugging Face model folder.
+    Merge(formats::MergeArgs),
 }
 
 /// Options that select what runs (shared by `run` and `plan`).
@@ -119,5 +124,7 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Inspect(a) => model::inspect(&a),
         Command::Forward(a) => model::forward(&a),
         Command::Generate(a) => generate::generate(&a),
+        Command::Migrate(a) => formats::migrate(&a),
+        Command::Merge(a) => formats::merge(&a),
     }
 }

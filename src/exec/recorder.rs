@@ -1,8 +1,10 @@
 //! The ledger writer: turns executor events into ledger rows.
 //!
-//! Stage outcomes and run rows are flushed within ~200 ms, metrics within ~1 s, all at the
-//! end of the run; each flush is one atomic append per table. A crash loses at most the
-//! rows of that window, and a stage whose success was not recorded simply runs again.
+//! The run's start row is written at once; stage outcomes are flushed within ~200 ms,
+//! metrics within ~1 s, all at the end of the run; each flush is one atomic append per
+//! table. A crash loses at most the rows of that window (never the run's start row, so a
+//! killed run is always listed), and a stage whose success was not recorded simply runs
+//! again.
 
 use super::events::{Event, EventSink, StageResult};
 use crate::stages::StageEvent;
@@ -105,6 +107,9 @@ impl EventSink for Recorder {
                     "run_started",
                     format!("{to_run} of {total} stages to run"),
                 );
+                // At once: a run killed in its first 200 ms must still have its
+                // `running` row, or `taper runs` could not report it as killed.
+                self.flush();
             }
             Event::StageStarted {
                 stage,

@@ -124,7 +124,7 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter, FormatError> {
     match detect_format(dir)? {
         AdapterFormat::Peft => peft::read(dir),
         AdapterFormat::Mlx => mlx::read(dir),
-        AdapterFormat::Native => native::read(dir),
+        AdapterFormat::Native => native::read_adapter(dir),
     }
 }
 

@@ -12,7 +12,7 @@ use super::checkpoint::Checkpoint;
 use super::error::FormatError;
 use super::output::{check_identity, OutputDir};
 use super::raw_adapter::{AdapterKind, RawAdapter};
-use super::{gguf, mlx_write, native_write, peft_write};
+use super::{gguf, mlx_write, native, peft_write};
 
 /// The formats `migrate` reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,12 @@ pub fn migrate(
              GGUF files go to hf"
         )));
     };
+    if let Some(dtype) = &options.dtype {
+        return Err(FormatError::Usage(format!(
+            "dtype `{dtype}` applies to a GGUF import only: adapters are converted in their \
+             stored dtype"
+        )));
+    }
     let found = AdapterKind::detect(input)?;
     if found != from_kind {
         return Err(FormatError::UnknownFormat {
@@ -142,7 +148,7 @@ pub fn migrate(
                     adapter.base = Some(base.identity()?);
                 }
             }
-            native_write::write(&adapter, out.path())?
+            native::write(&adapter, out.path())?
         }
     }
     out.publish()?;

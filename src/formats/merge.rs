@@ -79,6 +79,28 @@ const CARRIED_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
+/// Parses `5GB`, `500MB`, `2GiB`, `1000` (bytes).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = num * mult;
+    (bytes >= 1.0 && bytes.is_finite()).then_some(bytes as u64)
+}
+
 /// Merges the adapter in `adapter_dir` (any format) into the model in `base_dir`, writing
 /// a model directory at `out_dir` (which must not exist or be empty).
 pub fn merge(
@@ -245,4 +267,18 @@ pub fn merge_tensor(
         (_, Rounding::Mlx) => (wt + delta.to_dtype(dtype)?)?,
     };
     RawTensor::from_tensor(&merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+        assert_eq!(parse_size("2 MiB"), Some(2 * 1024 * 1024));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("0"), None);
+    }
 }

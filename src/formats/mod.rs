@@ -13,7 +13,6 @@ pub mod merge;
 pub mod mlx;
 pub mod mlx_write;
 pub mod native;
-pub mod native_write;
 pub mod output;
 pub mod peft;
 pub mod peft_write;

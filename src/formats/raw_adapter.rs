@@ -3,19 +3,19 @@
 //! byte, never recomputed, plus the multiplier of each module and the settings.
 //!
 //! Reading validates through the format readers ([`super::peft::read`],
-//! [`super::mlx::read`], [`super::native_write::read_config`]) and then takes the bytes
+//! [`super::mlx::read`], [`super::native::read_config`]) and then takes the bytes
 //! from the weights file, after checking its header with [`SafetensorsFile`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::adapter::{Adapter, AdapterFormat, AdapterModule, ADAPTER_CONFIG};
 use super::checkpoint::BaseIdentity;
 use super::error::FormatError;
 use super::safetensors_in::{RawTensor, SafetensorsFile};
-use super::{mlx, native_write as native, peft};
+use super::{mlx, native, peft};
 use crate::model::lora_config::{layer_index, scale, LoraConfig};
 
 /// The adapter layouts taper converts between.
@@ -90,6 +90,15 @@ pub struct RawAdapter {
     pub training: Option<serde_json::Value>,
 }
 
+fn tensor_bytes(module: &str, which: &str, t: &Tensor) -> Result<RawTensor, FormatError> {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| RawTensor::from_tensor(&t))
+        .map_err(|e| FormatError::Safetensors {
+            file: format!("{module}.lora_{which}.weight").into(),
+            message: e.to_string(),
+        })
+}
+
 impl RawAdapter {
     /// Reads the adapter in `dir` as `kind`.
     pub fn read(dir: &Path, kind: AdapterKind) -> Result<Self, FormatError> {
@@ -127,6 +136,33 @@ impl RawAdapter {
             }
             AdapterKind::Taper => native::read(dir),
         }
+    }
+
+    /// The stored form of an in-memory adapter (the train stage's weights), each tensor's
+    /// bytes in its own dtype, as taper's format.
+    pub fn from_adapter(
+        adapter: &Adapter,
+        base: Option<BaseIdentity>,
+        training: Option<serde_json::Value>,
+    ) -> Result<Self, FormatError> {
+        let mut modules = BTreeMap::new();
+        for (name, m) in &adapter.modules {
+            modules.insert(
+                name.clone(),
+                RawModule {
+                    a: tensor_bytes(name, "A", &m.a)?,
+                    b: tensor_bytes(name, "B", &m.b)?,
+                    scale: m.scale,
+                },
+            );
+        }
+        Ok(Self {
+            kind: AdapterKind::Taper,
+            config: adapter.config.clone(),
+            modules,
+            base,
+            training,
+        })
     }
 
     fn from_parts(
@@ -173,7 +209,8 @@ impl RawAdapter {
         Ok(Adapter {
             format: match self.kind {
                 AdapterKind::Mlx => AdapterFormat::Mlx,
-                _ => AdapterFormat::Peft,
+                AdapterKind::Peft => AdapterFormat::Peft,
+                AdapterKind::Taper => AdapterFormat::Native,
             },
             config: self.config.clone(),
             modules,

@@ -65,7 +65,7 @@ pub fn ids_tensor(
 }
 
 /// Logits `[batch, seq, vocab]` as f32 for `input_ids` through the model in `model_dir`,
-/// with the adapter in `adapter_dir` (PEFT or mlx-lm, detected) applied unmerged.
+/// with the adapter in `adapter_dir` (taper, PEFT or mlx-lm, detected) applied unmerged.
 /// The model runs in `dtype` (f32 or bf16) on `device`.
 pub fn forward_logits(
     model_dir: &Path,

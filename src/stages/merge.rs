@@ -12,6 +12,7 @@
 use serde::Deserialize;
 
 use super::context::{StageContext, StageError, StageEvent};
+use crate::formats::merge::parse_size;
 use crate::formats::{merge_with_progress, Rounding, DEFAULT_SHARD_SIZE};
 
 /// Bumped when the way a merge stage computes changes what it produces.
@@ -32,28 +33,6 @@ pub struct MergeConfig {
     /// Largest shard, e.g. `5GB`, `500MB`, or a byte count; default 5GB.
     #[serde(default)]
     pub shard_size: Option<String>,
-}
-
-/// Parses `5GB`, `500MB`, `2GiB`, `1000` (bytes).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let bytes = num * mult;
-    (bytes >= 1.0 && bytes.is_finite()).then_some(bytes as u64)
 }
 
 /// Runs one attempt.
@@ -128,19 +107,5 @@ pub fn run(cfg: &MergeConfig, ctx: &StageContext<'_>) -> Result<(), StageError> 
             Err(StageError::Failed("merge stopped".into()))
         }
         Err(e) => Err(failed(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
-        assert_eq!(parse_size("2 MiB"), Some(2 * 1024 * 1024));
-        assert_eq!(parse_size("1000"), Some(1000));
-        assert_eq!(parse_size("lots"), None);
-        assert_eq!(parse_size("0"), None);
     }
 }

@@ -4,10 +4,13 @@
 //! ```yaml
 //! to_mlx:
 //!   kind: migrate
-//!   inputs: [adapters/run]
+//!   inputs: [adapters/run, models/base]
 //!   outputs: [export/mlx]
 //!   with: {from: taper, to: mlx, base_model: models/base}
 //! ```
+//!
+//! The stage converts its one input other than `base_model`; declaring the base as an
+//! input too makes a changed base re-run the conversion (and its check).
 
 use serde::Deserialize;
 
@@ -33,12 +36,13 @@ pub struct MigrateConfig {
     pub dtype: Option<String>,
 }
 
-/// Runs one attempt: reads the stage's only input, writes its only output.
+/// Runs one attempt: converts the stage's input (the one that is not the base) into its
+/// only output.
 pub fn run(cfg: &MigrateConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
     let failed = |e: crate::formats::FormatError| StageError::Failed(e.to_string());
     let from: MigrateFormat = cfg.from.parse().map_err(failed)?;
     let to: MigrateFormat = cfg.to.parse().map_err(failed)?;
-    let (input, output) = single_io(ctx, "migrate")?;
+    let (input, output) = io(ctx, cfg.base_model.as_deref())?;
     let options = MigrateOptions {
         base: cfg.base_model.as_ref().map(|b| ctx.workspace.join(b)),
         dtype: cfg.dtype.clone(),
@@ -62,15 +66,20 @@ pub fn run(cfg: &MigrateConfig, ctx: &StageContext<'_>) -> Result<(), StageError
     Ok(())
 }
 
-/// The one input and one output of a stage that reads a path and writes a path.
-pub(crate) fn single_io<'a>(
-    ctx: &'a StageContext<'_>,
-    kind: &str,
-) -> Result<(&'a str, &'a str), StageError> {
-    match (&ctx.stage.inputs[..], &ctx.stage.outputs[..]) {
-        ([i], [o]) => Ok((i.path.as_str(), o.path.as_str())),
-        _ => Err(StageError::Failed(format!(
-            "a {kind} stage needs exactly one input and one output"
-        ))),
+/// The input to convert (the only one that is not `base`) and the only output.
+fn io<'a>(ctx: &'a StageContext<'_>, base: Option<&str>) -> Result<(&'a str, &'a str), StageError> {
+    let inputs: Vec<&str> = ctx
+        .stage
+        .inputs
+        .iter()
+        .map(|i| i.path.as_str())
+        .filter(|p| Some(*p) != base)
+        .collect();
+    match (&inputs[..], &ctx.stage.outputs[..]) {
+        ([i], [o]) => Ok((i, o.path.as_str())),
+        _ => Err(StageError::Failed(
+            "a migrate stage needs one input to convert (besides `base_model`) and one output"
+                .into(),
+        )),
     }
 }

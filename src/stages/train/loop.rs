@@ -15,7 +15,9 @@ use super::optimizer::AdamWParams;
 use super::rng::Rng;
 use super::schedule::lr_at;
 use super::step::{StepFailure, Trainer};
-use crate::formats::native::{self, BaseModel, NativeInfo};
+use crate::formats::checkpoint::Checkpoint;
+use crate::formats::native;
+use crate::formats::raw_adapter::RawAdapter;
 use crate::formats::{Adapter, AdapterFormat, AdapterModule};
 use crate::model::{init_lora, load_model, lora_a_name, lora_b_name};
 use crate::stages::context::{StageContext, StageError, StageEvent, StopReason};
@@ -312,15 +314,18 @@ fn write_adapter(
         config: lora.clone(),
         modules,
     };
-    let info = NativeInfo {
-        base_model: BaseModel::of_dir(base_dir).map_err(failed)?,
-        dtype: cfg.dtype.to_ascii_lowercase(),
-        training: serde_json::json!({
-            "config": cfg,
-            "steps": state.step,
-            "train_rows": rows,
-            "tokens_seen": state.tokens_seen,
-        }),
-    };
-    native::write(out_dir, &adapter, &info).map_err(failed)
+    // The base identity hashes tensors in name order, so it holds whatever the sharding;
+    // migrate and merge check it against the base they are given.
+    let base = Checkpoint::open(base_dir)
+        .and_then(|c| c.identity())
+        .map_err(failed)?;
+    let training = serde_json::json!({
+        "config": cfg,
+        "dtype": cfg.dtype.to_ascii_lowercase(),
+        "steps": state.step,
+        "train_rows": rows,
+        "tokens_seen": state.tokens_seen,
+    });
+    let raw = RawAdapter::from_adapter(&adapter, Some(base), Some(training)).map_err(failed)?;
+    native::write(&raw, out_dir).map_err(failed)
 }
