@@ -3,8 +3,8 @@
 pub mod dag;
 pub mod exit;
 pub mod export;
-pub mod generate;
 pub mod formats;
+pub mod generate;
 pub mod history;
 pub mod load;
 pub mod model;
