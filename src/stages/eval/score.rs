@@ -48,7 +48,10 @@ pub fn score<E>(
             )));
         }
     }
-    let mut order: Vec<&Row> = rows.iter().filter(|r| r.target_count() > 0).collect();
+    let mut order: Vec<&Row> = rows
+        .iter()
+        .filter(|r| super::data::target_count(r) > 0)
+        .collect();
     order.sort_by_key(|r| r.input_ids.len());
     let (mut sum, mut tokens) = (0.0f64, 0u64);
     let mut done = 0usize;
