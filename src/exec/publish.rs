@@ -60,29 +60,33 @@ pub fn publish(
         }
     }
     let trash = layout.trash();
-    for (n, o) in outputs.iter().enumerate() {
+    for o in outputs {
         let src = staging.join(o);
         let dst = layout.path(o);
         let io = |what: &str, e: io::Error| format!("cannot publish output \"{o}\" ({what}): {e}");
         if let Some(parent) = dst.parent() {
             fs::create_dir_all(parent).map_err(|e| io("create its folder", e))?;
         }
-        let old = trash.join(format!("{run_id}-{n}"));
-        let had_old = dst.symlink_metadata().is_ok();
-        if had_old {
+        // A private slot per replaced output: stages publishing at the same time never
+        // share a name in the trash.
+        let slot = if dst.symlink_metadata().is_ok() {
             fs::create_dir_all(&trash).map_err(|e| io("create .taper/trash", e))?;
-            fs::rename(&dst, &old).map_err(|e| io("move the old version aside", e))?;
-        }
+            let slot = tempfile::Builder::new()
+                .prefix(&format!(".{run_id}-"))
+                .tempdir_in(&trash)
+                .map_err(|e| io("create a slot in .taper/trash", e))?
+                .keep();
+            fs::rename(&dst, slot.join("old")).map_err(|e| io("move the old version aside", e))?;
+            Some(slot)
+        } else {
+            None
+        };
         fs::rename(&src, &dst).map_err(|e| io("rename into the workspace", e))?;
         if let Some(parent) = dst.parent() {
             sync_dir(parent);
         }
-        if had_old {
-            let _ = if old.is_dir() {
-                fs::remove_dir_all(&old)
-            } else {
-                fs::remove_file(&old)
-            };
+        if let Some(slot) = slot {
+            let _ = fs::remove_dir_all(&slot);
         }
     }
     Ok(())
@@ -91,4 +95,33 @@ pub fn publish(
 /// Removes a staging folder after its outputs were published.
 pub fn remove_staging(staging: &Path) {
     let _ = fs::remove_dir_all(staging);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two stages of one run publishing at the same time each move an old output into the
+    /// trash; neither may collide with what the other put there.
+    #[test]
+    fn replacing_outputs_never_collides_in_the_trash() {
+        let ws = tempfile::tempdir().unwrap();
+        let layout = Layout::new(ws.path());
+        fs::create_dir_all(ws.path().join("b")).unwrap();
+        fs::write(ws.path().join("b/old"), "old").unwrap();
+        // What another stage of the same run is moving aside right now.
+        fs::create_dir_all(layout.trash()).unwrap();
+        fs::write(layout.trash().join("run-0"), "another stage's old a.txt").unwrap();
+        fs::write(layout.trash().join(".run-0"), "and under a dotted name").unwrap();
+        let staging = ws.path().join(".taper/staging/b");
+        fs::create_dir_all(staging.join("b")).unwrap();
+        fs::write(staging.join("b/new"), "new").unwrap();
+        publish(&layout, &staging, &["b".to_string()], "run").unwrap();
+        assert_eq!(fs::read_to_string(ws.path().join("b/new")).unwrap(), "new");
+        assert!(!ws.path().join("b/old").exists());
+        assert!(
+            layout.trash().join("run-0").exists(),
+            "the other stage's file is left alone"
+        );
+    }
 }
