@@ -1,6 +1,6 @@
 //! Adapter and checkpoint formats: PEFT, mlx-lm and taper adapters read into one
 //! in-memory [`Adapter`] and written from stored bytes ([`raw_adapter`]), conversions
-//! between them and GGUF import ([`convert`]), merging into a base ([`merge`]), and
+//! between them and GGUF import ([`convert`]), merging into a base ([`merge()`]), and
 //! deterministic safetensors / JSON output.
 
 pub mod adapter;

@@ -1,5 +1,5 @@
 //! `kind: merge` — merges a LoRA adapter (taper, PEFT or mlx-lm) into its base and writes
-//! a Hugging Face model directory ([`crate::formats::merge`]).
+//! a Hugging Face model directory ([`crate::formats::merge()`]).
 //!
 //! ```yaml
 //! merged:

@@ -1,4 +1,4 @@
-//! The tokenize stage as the executor runs it: the library [`run`](super::run) wired to a
+//! The tokenize stage as the executor runs it: the library [`run`] wired to a
 //! [`StageContext`] — output folder in staging, progress and counts as events, Ctrl-C.
 
 use super::{run, Progress, TokenizeConfig, TokenizeError};
