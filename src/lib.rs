@@ -15,6 +15,7 @@ pub mod export;
 pub mod formats;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod schedule;
 pub mod spec;
 pub mod stages;

@@ -98,17 +98,12 @@ pub fn runs(layout: &Layout, a: &RunsArgs) -> Result<i32, Failure> {
     Ok(exit::SUCCESS)
 }
 
-/// `taper show`.
-pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
-    let ledger = Ledger::new(layout);
-    let runs = latest_runs(&ledger)?;
-    let run = match &a.run_id {
+/// The run `id` names (a unique prefix), or the latest run; an error says why not.
+pub fn find_run<'r>(runs: &'r [RunRow], id: Option<&str>) -> Result<&'r RunRow, Failure> {
+    let run = match id {
         None => runs.first(),
         Some(id) => {
-            let matches: Vec<&RunRow> = runs
-                .iter()
-                .filter(|r| r.run_id.starts_with(id.as_str()))
-                .collect();
+            let matches: Vec<&RunRow> = runs.iter().filter(|r| r.run_id.starts_with(id)).collect();
             if matches.len() > 1 {
                 return Err(Failure::new(
                     exit::ERROR,
@@ -121,17 +116,22 @@ pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
             matches.into_iter().next()
         }
     };
-    let Some(run) = run else {
-        let what = a
-            .run_id
-            .as_deref()
+    run.ok_or_else(|| {
+        let what = id
             .map(|i| format!("run \"{i}\""))
             .unwrap_or_else(|| "any run".into());
-        return Err(Failure::new(
+        Failure::new(
             exit::ERROR,
             format!("error: the ledger has no record of {what}"),
-        ));
-    };
+        )
+    })
+}
+
+/// `taper show`.
+pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
+    let ledger = Ledger::new(layout);
+    let runs = latest_runs(&ledger)?;
+    let run = find_run(&runs, a.run_id.as_deref())?;
     let stages: Vec<StageRunRow> = ledger
         .read::<StageRunRow>()?
         .into_iter()

@@ -6,9 +6,12 @@ pub mod export;
 pub mod formats;
 pub mod generate;
 pub mod history;
+pub mod init;
+pub mod kinds;
 pub mod load;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod reporter;
 pub mod run;
 pub mod schedule;
@@ -34,6 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run what is out of date, in parallel.
+    #[command(after_long_help = kinds::help_text())]
     Run(run::RunArgs),
     /// Show what `run` would do, and why, without doing it.
     Plan(plan::PlanArgs),
@@ -47,6 +51,14 @@ pub enum Command {
     Runs(history::RunsArgs),
     /// One run: stages, durations, output hashes, metrics.
     Show(history::ShowArgs),
+    /// Write a run's HTML report: stage graph, loss curves, eval results, outputs.
+    Report(report::ReportArgs),
+    /// Every stage kind's `with:` keys and their defaults.
+    Kinds(kinds::KindsArgs),
+    /// Write a commented starter pipeline (never overwrites a file).
+    Init(init::InitArgs),
+    /// Print a shell completion script: `taper completions bash > ~/.local/share/bash-completion/completions/taper`.
+    Completions(init::CompletionsArgs),
     /// Compact the ledger (merge its files) and empty `.taper/trash`.
     Gc,
     /// Run a pipeline on its `schedule:` (foreground), or list its next fire times.
@@ -118,6 +130,10 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Validate(a) => plan::validate(&layout, &a),
         Command::Runs(a) => history::runs(&layout, &a),
         Command::Show(a) => history::show(&layout, &a),
+        Command::Report(a) => report::report(&layout, &a),
+        Command::Kinds(a) => kinds::kinds(&a),
+        Command::Init(a) => init::init(&a),
+        Command::Completions(a) => init::completions(&a),
         Command::Gc => history::gc(&layout),
         Command::Schedule(a) => schedule::schedule(&layout, &a),
         Command::Export(a) => export::export(&layout, &a),

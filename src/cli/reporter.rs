@@ -7,7 +7,7 @@ use crate::stages::StageEvent;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Renders events for a person.
 pub struct Console {
@@ -16,6 +16,48 @@ pub struct Console {
     bars: MultiProgress,
     running: HashMap<String, ProgressBar>,
     counts: HashMap<&'static str, usize>,
+    /// When each running stage started, and the last `*/tokens_per_s` it logged.
+    started: HashMap<String, Instant>,
+    tokens_per_s: HashMap<String, f64>,
+    /// Last progress count printed as a plain line, per stage (non-TTY).
+    printed: HashMap<String, u64>,
+}
+
+/// The text of a progress update: `step 12/300 loss 2.3100 1.2k tok/s ETA 1m 5s`. `rate`
+/// is tokens per second, when the stage logs it; the ETA is extrapolated from the time
+/// the stage has taken so far.
+pub fn progress_text(
+    done: u64,
+    total: Option<u64>,
+    unit: &str,
+    message: &str,
+    rate: Option<f64>,
+    elapsed: Duration,
+) -> String {
+    let unit = match unit {
+        "steps" => "step",
+        u => u,
+    };
+    let mut parts = vec![match total {
+        Some(t) => format!("{unit} {done}/{t}"),
+        None => format!("{unit} {done}"),
+    }];
+    if !message.is_empty() {
+        parts.push(message.to_string());
+    }
+    if let Some(r) = rate.filter(|r| r.is_finite()) {
+        parts.push(if r >= 1000.0 {
+            format!("{:.1}k tok/s", r / 1000.0)
+        } else {
+            format!("{r:.0} tok/s")
+        });
+    }
+    if let Some(t) = total.filter(|&t| done > 0 && done < t) {
+        let left = elapsed.as_secs_f64() / done as f64 * (t - done) as f64;
+        let left = Duration::from_secs(left.round() as u64);
+        parts.push(format!("ETA {}", humantime::format_duration(left)));
+    }
+    parts.join(" ")
 }
 
 impl Console {
@@ -33,6 +75,9 @@ impl Console {
             bars: MultiProgress::with_draw_target(target),
             running: HashMap::new(),
             counts: HashMap::new(),
+            started: HashMap::new(),
+            tokens_per_s: HashMap::new(),
+            printed: HashMap::new(),
         }
     }
 
@@ -87,27 +132,60 @@ impl EventSink for Console {
                     String::new()
                 };
                 self.line(format!("  > {stage}{again}: {reason}"));
+                self.started.insert(stage.clone(), Instant::now());
+                self.printed.remove(stage);
                 if self.tty {
                     self.bar(stage).set_message("running");
                 }
             }
-            Event::Stage { stage, event } => {
-                if let StageEvent::Progress {
+            Event::Stage { stage, event } => match event {
+                StageEvent::Metric { name, value, .. } if name.ends_with("tokens_per_s") => {
+                    self.tokens_per_s.insert(stage.clone(), *value);
+                }
+                StageEvent::Progress {
                     done,
                     total,
                     unit,
                     message,
-                } = event
-                {
+                } => {
+                    let elapsed = self
+                        .started
+                        .get(stage)
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default();
+                    let rate = self.tokens_per_s.get(stage).copied();
+                    let text = progress_text(*done, *total, unit, message, rate, elapsed);
                     if self.tty {
-                        let (done, total, unit, message) =
-                            (*done, *total, unit.clone(), message.clone());
+                        let (done, total) = (*done, *total);
                         let b = self.bar(stage);
-                        let of = total.map(|t| format!("/{t}")).unwrap_or_default();
-                        b.set_message(format!("{done}{of} {unit} {message}"));
+                        if let Some(t) = total {
+                            if b.length() != Some(t) {
+                                b.set_length(t);
+                                b.set_style(
+                                    ProgressStyle::with_template(
+                                        "  {spinner} {prefix} [{bar:30}] {wide_msg} {elapsed}",
+                                    )
+                                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                                    .progress_chars("=> "),
+                                );
+                            }
+                            b.set_position(done);
+                        }
+                        b.set_message(text);
+                    } else {
+                        // Piped: a plain line at every tenth of the way (and the end).
+                        let step = total.map(|t| (t / 10).max(1)).unwrap_or(1);
+                        let last = self.printed.get(stage).copied();
+                        let due = Some(*done) == *total
+                            || last.is_none_or(|l| *done >= l.saturating_add(step));
+                        if due {
+                            self.printed.insert(stage.clone(), *done);
+                            self.line(format!("  . {stage}: {text}"));
+                        }
                     }
                 }
-            }
+                _ => {}
+            },
             Event::StageRetry {
                 stage,
                 attempt,
@@ -121,6 +199,8 @@ impl EventSink for Console {
                 ));
             }
             Event::StageFinished(r) => {
+                self.started.remove(&r.stage);
+                self.tokens_per_s.remove(&r.stage);
                 if let Some(b) = self.running.remove(&r.stage) {
                     b.finish_and_clear();
                 }
@@ -181,5 +261,36 @@ impl EventSink for Console {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_progress_reads_step_loss_rate_eta() {
+        let t = progress_text(
+            10,
+            Some(40),
+            "steps",
+            "loss 2.3100",
+            Some(1534.0),
+            Duration::from_secs(20),
+        );
+        assert_eq!(t, "step 10/40 loss 2.3100 1.5k tok/s ETA 1m");
+        let t = progress_text(
+            40,
+            Some(40),
+            "steps",
+            "loss 1.0",
+            None,
+            Duration::from_secs(80),
+        );
+        assert_eq!(t, "step 40/40 loss 1.0");
+        assert_eq!(
+            progress_text(7, None, "records", "", Some(12.0), Duration::ZERO),
+            "records 7 12 tok/s"
+        );
     }
 }

@@ -75,6 +75,7 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
         return Ok(exit::SUCCESS);
     }
     let run_id = time::new_run_id();
+    let report_run_id = run_id.clone();
     // A full run owns the workspace; `--only` runs (parallel Argo tasks on one volume)
     // share it, one process per stage.
     let lock = match &a.select.only {
@@ -157,6 +158,11 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
     }
     if status == RunStatus::Success && a.select.only.is_none() {
         publish_run_folder(layout, &loaded);
+    }
+    // The report is written after every full run, failed ones included (that is when it
+    // helps most); it is not a stage output, so it is not fingerprinted.
+    if a.select.only.is_none() {
+        super::report::after_run(layout, &loaded, &report_run_id);
     }
     drop(lock);
     Ok(match status {

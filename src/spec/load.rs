@@ -7,7 +7,7 @@
 
 use super::de::{did_you_mean, from_node, unknown_message};
 use super::error::{SpecError, SpecErrors};
-use super::model::{Named, PathDecl, Pipeline, Stage};
+use super::model::{Named, PathDecl, Pipeline, ReportSpec, Stage};
 use super::node::{self, Key, Node, Pos, Value};
 use super::params::{self, Scope};
 use serde::de::IgnoredAny;
@@ -28,6 +28,7 @@ const TOP_KEYS: &[&str] = &[
     "resources",
     "stages",
     "schedule",
+    "report",
 ];
 
 /// The header of a stage, as written. `with`, `foreach` and `matrix` are handled on the
@@ -59,6 +60,13 @@ struct RawStage {
     _foreach: Option<IgnoredAny>,
     #[serde(default, rename = "matrix")]
     _matrix: Option<IgnoredAny>,
+}
+
+/// `report:` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    path: String,
 }
 
 /// Reads and validates the pipeline file at `file`, applying `--set` overrides.
@@ -273,6 +281,7 @@ impl<'a> Loader<'a> {
             }
         }
         self.cross_checks(&mut stages, &resources);
+        let report = root.get("report").and_then(|n| self.report(n, &stages));
         Some(Pipeline {
             file: self.file.to_path_buf(),
             source: Arc::from(source),
@@ -282,7 +291,42 @@ impl<'a> Loader<'a> {
             resources,
             stages,
             schedule: root.get("schedule").cloned(),
+            report,
         })
+    }
+
+    /// The `report:` block: `{path: reports/run.html}`, a workspace-relative file that no
+    /// stage declares (it is written after the run, outside the fingerprinted outputs).
+    fn report(&mut self, node: &Node, stages: &[Stage]) -> Option<ReportSpec> {
+        let raw: RawReport = match from_node(node) {
+            Ok(r) => r,
+            Err(e) => {
+                self.push(SpecError::from_de(self.file, node.pos, "report", e));
+                return None;
+            }
+        };
+        let pos = node.get("path").map(|n| n.pos).unwrap_or(node.pos);
+        let path = match normalize_path(&raw.path) {
+            Ok(p) => p,
+            Err(msg) => {
+                self.push(SpecError::at(self.file, pos, msg).key("report.path"));
+                return None;
+            }
+        };
+        for s in stages {
+            for o in &s.outputs {
+                let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+                if inside(&path, &o.path) || inside(&o.path, &path) {
+                    let msg = format!(
+                        "the report \"{path}\" overlaps output \"{}\" of stage \"{}\"; the report is written after the run and must not be a stage output",
+                        o.path, s.name
+                    );
+                    self.push(SpecError::at(self.file, pos, msg).key("report.path"));
+                    return None;
+                }
+            }
+        }
+        Some(ReportSpec { path, pos })
     }
 
     /// Substitutes params, expands fan-out and converts one stage entry.

@@ -11,5 +11,5 @@ pub use error::{SpecError, SpecErrors};
 pub use load::{
     load, load_str, load_str_with, load_with, normalize_path, parse_duration, FORMAT_VERSION,
 };
-pub use model::{Named, PathDecl, Pipeline, Stage};
+pub use model::{Named, PathDecl, Pipeline, ReportSpec, Stage};
 pub use node::{Node, Pos, Value};

@@ -26,6 +26,17 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// The `schedule:` block, if any (read by `taper schedule`).
     pub schedule: Option<Node>,
+    /// `report: {path: ...}`: where `taper run` writes the HTML run report after a run.
+    pub report: Option<ReportSpec>,
+}
+
+/// `report:` — the run report `taper run` writes after every full run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportSpec {
+    /// Normalised workspace-relative path of the HTML file.
+    pub path: String,
+    /// Where the path is written.
+    pub pos: Pos,
 }
 
 impl Pipeline {

@@ -17,6 +17,22 @@ use std::time::{Duration, Instant};
 /// Bumped when the way a command stage runs changes what it produces.
 pub const VERSION: u32 = 1;
 
+/// Every `with:` key: (key, default, meaning). `taper kinds` and `taper run --help` print
+/// it; a test checks it names exactly the fields of [`CommandConfig`].
+pub const KEYS: &[(&str, &str, &str)] = &[
+    (
+        "run",
+        "required",
+        "shell command, run by `sh -c` in the staging folder",
+    ),
+    ("env", "{}", "extra environment variables (a mapping)"),
+    (
+        "kill_grace",
+        "5s",
+        "wait between SIGTERM and SIGKILL on timeout or Ctrl-C",
+    ),
+];
+
 /// `with:` of a command stage.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

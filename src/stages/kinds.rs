@@ -27,6 +27,8 @@ pub struct KindInfo {
     pub resumable: bool,
     /// `None` when the kind is available; else why not.
     pub unavailable: Option<&'static str>,
+    /// Its `with:` keys: (key, default, meaning), from the table beside its config struct.
+    pub keys: &'static [(&'static str, &'static str, &'static str)],
 }
 
 /// Every kind, available or announced.
@@ -36,36 +38,42 @@ pub const KINDS: &[KindInfo] = &[
         version: command::VERSION,
         resumable: false,
         unavailable: None,
+        keys: command::KEYS,
     },
     KindInfo {
         name: "tokenize",
         version: 1,
         resumable: false,
         unavailable: None,
+        keys: tokenize::config::KEYS,
     },
     KindInfo {
         name: "train",
         version: train::VERSION,
         resumable: true,
         unavailable: None,
+        keys: train::config::KEYS,
     },
     KindInfo {
         name: "eval",
         version: eval::VERSION,
         resumable: false,
         unavailable: None,
+        keys: eval::config::KEYS,
     },
     KindInfo {
         name: "migrate",
         version: migrate::VERSION,
         resumable: false,
         unavailable: None,
+        keys: migrate::KEYS,
     },
     KindInfo {
         name: "merge",
         version: merge::VERSION,
         resumable: false,
         unavailable: None,
+        keys: merge::KEYS,
     },
 ];
 
@@ -181,4 +189,38 @@ fn node_at(node: &crate::spec::Node, path: &str) -> Option<Pos> {
         n = n.get(part)?;
     }
     Some(n.pos)
+}
+
+#[cfg(test)]
+mod key_table_tests {
+    use super::*;
+
+    /// The `KEYS` table of each kind names exactly the top-level fields its config struct
+    /// accepts: the list comes from the unknown-key error of the real deserializer.
+    #[test]
+    fn key_tables_match_the_config_structs() {
+        for k in KINDS.iter().filter(|k| k.unavailable.is_none()) {
+            let src = format!(
+                "version: 1\nname: t\nstages:\n  s:\n    kind: {}\n    outputs: [o]\n    with: {{zz_not_a_key: 1}}\n",
+                k.name
+            );
+            let p = crate::spec::load_str(Path::new("p.yaml"), &src, &[]).unwrap();
+            let e = configure(&p.file, &p.stages[0]).unwrap_err();
+            let listed = e
+                .message
+                .split("expected one of: ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{}: {}", k.name, e.message));
+            let mut fields: Vec<&str> = listed.split(", ").map(str::trim).collect();
+            fields.sort();
+            let mut keys: Vec<&str> = k
+                .keys
+                .iter()
+                .map(|(n, _, _)| n.split('.').next().unwrap())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(keys, fields, "kind {}: KEYS vs the config struct", k.name);
+        }
+    }
 }

@@ -18,6 +18,26 @@ use crate::formats::{merge_with_progress, Rounding, DEFAULT_SHARD_SIZE};
 /// Bumped when the way a merge stage computes changes what it produces.
 pub const VERSION: u32 = 1;
 
+/// Every `with:` key: (key, default, meaning), printed by `taper kinds`.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("base_model", "required", "base model folder"),
+    (
+        "adapter",
+        "the input that is not the base",
+        "adapter folder (taper, PEFT or mlx-lm)",
+    ),
+    (
+        "rounding",
+        "peft",
+        "how half-precision weights are rounded: peft or mlx",
+    ),
+    (
+        "shard_size",
+        "5GB",
+        "largest shard: 5GB, 500MB, 2GiB or a byte count",
+    ),
+];
+
 /// `with:` of a merge stage.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -20,6 +20,26 @@ use crate::formats::{migrate, MigrateFormat, MigrateOptions};
 /// Bumped when the way a migrate stage converts changes what it produces.
 pub const VERSION: u32 = 1;
 
+/// Every `with:` key: (key, default, meaning), printed by `taper kinds`.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("from", "required", "taper, peft, mlx or gguf"),
+    (
+        "to",
+        "required",
+        "taper, peft, mlx, or hf (for a GGUF import)",
+    ),
+    (
+        "base_model",
+        "none",
+        "base model folder to check the adapter against",
+    ),
+    (
+        "dtype",
+        "from the file",
+        "GGUF import: f32, f16 or bf16 weights",
+    ),
+];
+
 /// `with:` of a migrate stage.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

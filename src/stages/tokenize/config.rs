@@ -27,6 +27,60 @@ pub use super::field::FieldSpec;
 /// The largest `seq_len` accepted (16 Mi tokens): beyond it a row could not be held in memory.
 pub const MAX_SEQ_LEN: usize = 1 << 24;
 
+/// Every `with:` key: (key, default, meaning), printed by `taper kinds` and `taper run
+/// --help`; a test checks its top-level keys are exactly the fields of [`TokenizeConfig`].
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("tokenizer", "required", "a Hugging Face tokenizer.json"),
+    ("source.path", "required", "input file or glob"),
+    (
+        "source.format",
+        "from the extension",
+        "text, jsonl or parquet",
+    ),
+    (
+        "source.text_split",
+        "line",
+        "for text: line, paragraph or document",
+    ),
+    (
+        "field",
+        "text",
+        "text, messages (chat), or {prompt: P, completion: C}",
+    ),
+    (
+        "chat_template",
+        "chatml",
+        "for messages: chatml, llama3 or none",
+    ),
+    (
+        "mask_prompt",
+        "true",
+        "loss only on assistant turns / the completion",
+    ),
+    ("seq_len", "2048", "tokens per row"),
+    ("packing", "true", "consecutive examples share rows"),
+    (
+        "add_bos",
+        "when the tokenizer has one",
+        "prepend the BOS token",
+    ),
+    (
+        "add_eos",
+        "when the tokenizer has one",
+        "append the EOS token",
+    ),
+    ("bos_token", "found", "name the BOS token"),
+    ("eos_token", "found", "name the EOS token"),
+    ("split.valid", "0.05", "fraction of examples to valid/"),
+    ("split.seed", "0", "seed of the content-hash split"),
+    ("shard_rows", "65536", "rows per Parquet file"),
+    (
+        "on_bad_record",
+        "error",
+        "error, or skip (counted as tokenize/skipped)",
+    ),
+];
+
 /// Configuration of one tokenize stage. Paths are relative to the workspace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

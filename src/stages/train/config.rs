@@ -30,6 +30,75 @@ use candle_core::DType;
 
 use crate::model::{parse_compute_dtype, DeviceChoice, LayerSelection, LoraConfig, Targets};
 
+/// Every `with:` key: (key, default, meaning), printed by `taper kinds` and `taper run
+/// --help`; a test checks its top-level keys are exactly the fields of [`TrainConfig`].
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("base_model", "required", "Hugging Face model folder"),
+    (
+        "data.train",
+        "required",
+        "token shard folder of a tokenize stage",
+    ),
+    (
+        "data.valid",
+        "none",
+        "validation shards (eval/loss during training)",
+    ),
+    ("lora.r", "8", "LoRA rank"),
+    ("lora.alpha", "16", "LoRA alpha (scale alpha/r)"),
+    ("lora.dropout", "0.0", "dropout on the LoRA branch input"),
+    (
+        "lora.targets",
+        "[q_proj, v_proj]",
+        "projections, or [all-linear]",
+    ),
+    ("lora.layers", "all", "all, or a list of block indices"),
+    ("lora.rslora", "false", "scale alpha/sqrt(r)"),
+    ("optimizer.name", "adamw", "optimizer"),
+    ("optimizer.lr", "2e-4", "peak learning rate"),
+    ("optimizer.betas", "[0.9, 0.999]", "Adam betas"),
+    ("optimizer.eps", "1e-8", "Adam epsilon"),
+    ("optimizer.weight_decay", "0.0", "decoupled weight decay"),
+    ("schedule.warmup_steps", "0", "linear warm-up steps"),
+    (
+        "schedule.decay",
+        "cosine",
+        "learning-rate decay after warm-up",
+    ),
+    (
+        "schedule.min_lr_ratio",
+        "0.0",
+        "final lr as a fraction of the peak",
+    ),
+    ("batch_size", "4", "rows per micro-batch"),
+    ("grad_accum", "1", "micro-batches per optimizer step"),
+    (
+        "max_steps",
+        "none",
+        "optimizer steps (at most one of max_steps, epochs)",
+    ),
+    ("epochs", "1", "passes over the training shards"),
+    (
+        "max_grad_norm",
+        "1.0",
+        "global gradient-norm clip; null or 0 disables",
+    ),
+    ("seed", "42", "LoRA init, shuffling, dropout"),
+    (
+        "eval_every",
+        "0",
+        "steps between validation passes; 0 = after the last step only",
+    ),
+    (
+        "checkpoint_every",
+        "50",
+        "steps between checkpoints; 0 = none",
+    ),
+    ("keep_checkpoints", "2", "newest checkpoints kept"),
+    ("device", "auto", "cpu, cuda, metal or auto"),
+    ("dtype", "f32", "f32 or bf16"),
+];
+
 /// `with:` of a train stage.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
