@@ -240,6 +240,27 @@ impl EvalConfig {
     }
 }
 
+/// Every `with:` key of an eval stage: (key, default, meaning), for `taper kinds` and
+/// `taper run --help`.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("base_model", "required", "model folder"),
+    ("adapter", "none", "adapter folder (any format taper reads), applied unmerged; none = the base alone"),
+    ("data", "required", "folder of token shards (part-*.parquet) to score"),
+    ("compare_base", "false", "also score the base model alone (base_* metrics, improvement)"),
+    ("batch_size", "4", "rows per forward pass"),
+    ("device", "auto", "cpu | cuda | metal | auto"),
+    ("dtype", "f32", "compute dtype: f32 | bf16"),
+    ("report", "reports/eval.json", "JSON report path; must be (under) a declared output"),
+    ("samples.prompts", "required with samples", "text file, one prompt per line"),
+    ("samples.max_new_tokens", "64", "tokens to generate per prompt"),
+    ("samples.temperature", "0", "0 = greedy"),
+    ("samples.top_k / top_p", "none", "sampling cut-offs"),
+    ("samples.repetition_penalty", "1.0", "penalty on tokens already present"),
+    ("samples.seed", "0", "sampling seed"),
+    ("samples.chat / chat_template", "false / chatml", "wrap each prompt as a user turn"),
+    ("gates", "none", "eval_loss, perplexity, base_loss, base_perplexity, improvement_over_base: {min, max}; a failed gate fails the run (exit 5)"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,24 +303,3 @@ mod tests {
         );
     }
 }
-
-/// Every `with:` key of an eval stage: (key, default, meaning), for `taper kinds` and
-/// `taper run --help`.
-pub const KEYS: &[(&str, &str, &str)] = &[
-    ("base_model", "required", "model folder"),
-    ("adapter", "none", "adapter folder (any format taper reads), applied unmerged; none = the base alone"),
-    ("data", "required", "folder of token shards (part-*.parquet) to score"),
-    ("compare_base", "false", "also score the base model alone (base_* metrics, improvement)"),
-    ("batch_size", "4", "rows per forward pass"),
-    ("device", "auto", "cpu | cuda | metal | auto"),
-    ("dtype", "f32", "compute dtype: f32 | bf16"),
-    ("report", "reports/eval.json", "JSON report path; must be (under) a declared output"),
-    ("samples.prompts", "required with samples", "text file, one prompt per line"),
-    ("samples.max_new_tokens", "64", "tokens to generate per prompt"),
-    ("samples.temperature", "0", "0 = greedy"),
-    ("samples.top_k / top_p", "none", "sampling cut-offs"),
-    ("samples.repetition_penalty", "1.0", "penalty on tokens already present"),
-    ("samples.seed", "0", "sampling seed"),
-    ("samples.chat / chat_template", "false / chatml", "wrap each prompt as a user turn"),
-    ("gates", "none", "eval_loss, perplexity, base_loss, base_perplexity, improvement_over_base: {min, max}; a failed gate fails the run (exit 5)"),
-];
