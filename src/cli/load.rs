@@ -125,3 +125,29 @@ pub fn load(file: &Path, sets: &[String], root: Option<&Path>) -> Result<Loaded,
         run_folder,
     })
 }
+
+/// Reads the ledger's history and the hash cache, and plans `loaded` under `opts`.
+pub fn plan_with_state(
+    layout: &crate::state::Layout,
+    loaded: &Loaded,
+    opts: &crate::plan::PlanOptions,
+) -> Result<
+    (
+        crate::plan::History,
+        crate::state::HashCache,
+        crate::plan::Plan,
+    ),
+    Failure,
+> {
+    let history = crate::plan::History::load(&crate::state::Ledger::new(layout))?;
+    let mut cache = crate::state::HashCache::load(layout);
+    let plan = crate::plan::make_plan(
+        &loaded.pipeline,
+        &loaded.dag,
+        &history,
+        &mut cache,
+        &layout.root,
+        opts,
+    )?;
+    Ok((history, cache, plan))
+}

@@ -1,11 +1,11 @@
 //! `taper plan`, `taper status` and `taper validate`.
 
 use super::exit::{self, Failure};
-use super::load::load;
+use super::load::{load, plan_with_state};
 use super::Selection;
-use crate::plan::{make_plan, Action, History, Plan};
+use crate::plan::{Action, Plan};
 use crate::spec::Pipeline;
-use crate::state::{lock::current_holders, EventRow, HashCache, Layout, Ledger};
+use crate::state::{lock::current_holders, EventRow, Layout, Ledger};
 use clap::Args;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -94,16 +94,7 @@ fn plan_json(p: &Pipeline, plan: &Plan) -> serde_json::Value {
 /// `taper plan`.
 pub fn plan(layout: &Layout, a: &PlanArgs) -> Result<i32, Failure> {
     let loaded = load(&a.pipeline, &a.select.sets, Some(&layout.root))?;
-    let history = History::load(&Ledger::new(layout))?;
-    let mut cache = HashCache::load(layout);
-    let plan = make_plan(
-        &loaded.pipeline,
-        &loaded.dag,
-        &history,
-        &mut cache,
-        &layout.root,
-        &a.select.plan_options(),
-    )?;
+    let (_, mut cache, plan) = plan_with_state(layout, &loaded, &a.select.plan_options())?;
     if layout.exists() {
         let _ = cache.save(layout);
     }
@@ -119,16 +110,7 @@ pub fn plan(layout: &Layout, a: &PlanArgs) -> Result<i32, Failure> {
 pub fn status(layout: &Layout, a: &StatusArgs) -> Result<i32, Failure> {
     let loaded = load(&a.pipeline, &a.sets, Some(&layout.root))?;
     let ledger = Ledger::new(layout);
-    let history = History::load(&ledger)?;
-    let mut cache = HashCache::load(layout);
-    let plan = make_plan(
-        &loaded.pipeline,
-        &loaded.dag,
-        &history,
-        &mut cache,
-        &layout.root,
-        &Default::default(),
-    )?;
+    let (history, _, plan) = plan_with_state(layout, &loaded, &Default::default())?;
     // Stages of a run in progress that started and have not finished.
     let mut running = HashSet::new();
     let holders = current_holders(layout);

@@ -1,13 +1,12 @@
 //! `taper run`: plan, take the workspace lock, execute, record.
 
 use super::exit::{self, Failure};
-use super::load::load;
+use super::load::{load, plan_with_state};
 use super::plan::print_plan;
 use super::reporter::Console;
 use super::Selection;
 use crate::exec::{Executor, Recorder, RunOptions, RunStatus, Signals, Tee};
-use crate::plan::{make_plan, History};
-use crate::state::{time, HashCache, Layout, Ledger, RunRow, WorkspaceLock};
+use crate::state::{time, Layout, Ledger, RunRow, WorkspaceLock};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -61,16 +60,7 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
     }
     let ledger = Ledger::new(layout);
     if a.dry_run {
-        let history = History::load(&ledger)?;
-        let mut cache = HashCache::load(layout);
-        let plan = make_plan(
-            &loaded.pipeline,
-            &loaded.dag,
-            &history,
-            &mut cache,
-            &layout.root,
-            &a.select.plan_options(),
-        )?;
+        let (_, _, plan) = plan_with_state(layout, &loaded, &a.select.plan_options())?;
         print_plan(&loaded.pipeline, &plan);
         return Ok(exit::SUCCESS);
     }
@@ -85,16 +75,7 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
     if let Some(h) = &lock.recovered {
         eprintln!("warning: recovered the workspace lock left by {h}, which is no longer running");
     }
-    let history = History::load(&ledger)?;
-    let mut cache = HashCache::load(layout);
-    let plan = make_plan(
-        &loaded.pipeline,
-        &loaded.dag,
-        &history,
-        &mut cache,
-        &layout.root,
-        &a.select.plan_options(),
-    )?;
+    let (history, cache, plan) = plan_with_state(layout, &loaded, &a.select.plan_options())?;
     let signals = Signals::install()
         .map_err(|e| Failure::new(exit::ERROR, format!("error: cannot handle signals: {e}")))?;
     let run_dir = layout.run_dir(&run_id);
