@@ -25,6 +25,6 @@ echo "== taper ($profile), $threads threads"
 RAYON_NUM_THREADS="$threads" /usr/bin/time -v "$bin" "$steps" 2> taper.time
 grep -E "Maximum resident|Elapsed" taper.time
 echo "== PyTorch + PEFT, $threads threads"
-OMP_NUM_THREADS="$threads" /usr/bin/time -v python3 benches/train_torch.py "$steps" "$threads" 2> torch.time
+OMP_NUM_THREADS="$threads" /usr/bin/time -v python3 benches/train_torch.py "$steps" "$threads" --attn "${ATTN:-eager}" 2> torch.time
 grep -E "Maximum resident|Elapsed" torch.time
 rm -f taper.time torch.time

@@ -1,8 +1,13 @@
-//! Drives taper's train stage on a random-weight Llama of the benchmark size (hidden 512,
-//! intermediate 1408, 8 layers, 8 heads, vocab 8192), LoRA r 8 on q,v, batch 4 × 256,
-//! and prints training tokens/s. Used by `benches/train_compare.sh`.
+//! Drives taper's train stage on a random-weight Llama and prints training tokens/s.
+//! Used by `benches/train_compare.sh` (CPU) and `benches/train_compare_gpu.sh` (CUDA).
 //!
-//! `cargo run --example train_bench -- [steps]` (set RAYON_NUM_THREADS for threads).
+//! `cargo run --example train_bench -- [steps] [--size bench|gpu] [--device cpu|cuda] [--dtype f32|bf16]`
+//!
+//! - `bench`: hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192, batch 4 × 256.
+//! - `gpu`: hidden 2048, intermediate 5632, 16 layers, 32 heads (4 key/value heads),
+//!   vocab 32000, batch 8 × 1024: a model that fills a GPU.
+//!
+//! LoRA r 8, alpha 16 on q,v, no dropout. Set RAYON_NUM_THREADS for the CPU threads.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -13,55 +18,94 @@ use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::{DType, Device, Tensor};
 use taper::stages::{configure, CancelToken, StageContext, StageEvent};
 
-const HIDDEN: usize = 512;
-const INTER: usize = 1408;
-const LAYERS: usize = 8;
-const VOCAB: usize = 8192;
-const SEQ: usize = 256;
-const BATCH: usize = 4;
+/// The shape of the benchmark model and batch.
+#[derive(Clone, Copy)]
+struct Size {
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+    seq: usize,
+    batch: usize,
+}
 
-fn write_model(dir: &Path) -> anyhow::Result<()> {
+const BENCH: Size = Size {
+    hidden: 512,
+    inter: 1408,
+    layers: 8,
+    heads: 8,
+    kv_heads: 8,
+    vocab: 8192,
+    seq: 256,
+    batch: 4,
+};
+
+const GPU: Size = Size {
+    hidden: 2048,
+    inter: 5632,
+    layers: 16,
+    heads: 32,
+    kv_heads: 4,
+    vocab: 32000,
+    seq: 1024,
+    batch: 8,
+};
+
+fn write_model(dir: &Path, z: Size) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": VOCAB,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-        "tie_word_embeddings": false, "torch_dtype": "float32",
+        "hidden_size": z.hidden, "intermediate_size": z.inter, "num_hidden_layers": z.layers,
+        "num_attention_heads": z.heads, "num_key_value_heads": z.kv_heads,
+        "vocab_size": z.vocab, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16",
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
     let dev = Device::Cpu;
-    let rand = |shape: (usize, usize)| Tensor::randn(0f32, 0.02, shape, &dev);
+    // Stored as bf16 (half the bytes to write for the large size); loaded in the compute dtype.
+    let rand = |rows: usize, cols: usize| {
+        Tensor::randn(0f32, 0.02, (rows, cols), &dev)?.to_dtype(DType::BF16)
+    };
+    let ones = || Tensor::ones(z.hidden, DType::BF16, &dev);
     let mut t = std::collections::HashMap::new();
     t.insert(
         "model.embed_tokens.weight".to_string(),
-        rand((VOCAB, HIDDEN))?,
+        rand(z.vocab, z.hidden)?,
     );
-    t.insert("lm_head.weight".to_string(), rand((VOCAB, HIDDEN))?);
-    t.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(HIDDEN, DType::F32, &dev)?,
-    );
-    for i in 0..LAYERS {
+    t.insert("lm_head.weight".to_string(), rand(z.vocab, z.hidden)?);
+    t.insert("model.norm.weight".to_string(), ones()?);
+    let kv = z.hidden / z.heads * z.kv_heads;
+    for i in 0..z.layers {
         let p = format!("model.layers.{i}");
-        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            t.insert(format!("{p}.self_attn.{m}.weight"), rand((HIDDEN, HIDDEN))?);
+        for (m, out) in [
+            ("q_proj", z.hidden),
+            ("k_proj", kv),
+            ("v_proj", kv),
+            ("o_proj", z.hidden),
+        ] {
+            t.insert(format!("{p}.self_attn.{m}.weight"), rand(out, z.hidden)?);
         }
-        t.insert(format!("{p}.mlp.gate_proj.weight"), rand((INTER, HIDDEN))?);
-        t.insert(format!("{p}.mlp.up_proj.weight"), rand((INTER, HIDDEN))?);
-        t.insert(format!("{p}.mlp.down_proj.weight"), rand((HIDDEN, INTER))?);
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            rand(z.inter, z.hidden)?,
+        );
+        t.insert(format!("{p}.mlp.up_proj.weight"), rand(z.inter, z.hidden)?);
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rand(z.hidden, z.inter)?,
+        );
         for n in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(
-                format!("{p}.{n}.weight"),
-                Tensor::ones(HIDDEN, DType::F32, &dev)?,
-            );
+            t.insert(format!("{p}.{n}.weight"), ones()?);
         }
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
     Ok(())
 }
 
-fn write_tokens(path: &Path, rows: usize) -> anyhow::Result<()> {
+fn write_tokens(path: &Path, rows: usize, z: Size) -> anyhow::Result<()> {
     std::fs::create_dir_all(path.parent().unwrap_or(path))?;
     let item = |t| Arc::new(Field::new("item", t, false));
     let schema = Arc::new(Schema::new(vec![
@@ -70,15 +114,15 @@ fn write_tokens(path: &Path, rows: usize) -> anyhow::Result<()> {
         Field::new("example_id", DataType::UInt64, false),
     ]));
     let mut x = 1u64;
-    let ids: Vec<u32> = (0..rows * SEQ)
+    let ids: Vec<u32> = (0..rows * z.seq)
         .map(|_| {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((x >> 33) % VOCAB as u64) as u32
+            ((x >> 33) % z.vocab as u64) as u32
         })
         .collect();
-    let offsets = OffsetBuffer::<i32>::from_lengths(std::iter::repeat_n(SEQ, rows));
+    let offsets = OffsetBuffer::<i32>::from_lengths(std::iter::repeat_n(z.seq, rows));
     let list = |t: DataType, v: ArrayRef| -> anyhow::Result<ArrayRef> {
         Ok(Arc::new(ListArray::try_new(
             item(t),
@@ -93,7 +137,7 @@ fn write_tokens(path: &Path, rows: usize) -> anyhow::Result<()> {
             list(DataType::UInt32, Arc::new(UInt32Array::from(ids)))?,
             list(
                 DataType::Boolean,
-                Arc::new(BooleanArray::from(vec![true; rows * SEQ])),
+                Arc::new(BooleanArray::from(vec![true; rows * z.seq])),
             )?,
             Arc::new(UInt64Array::from_iter_values(0..rows as u64)),
         ],
@@ -104,23 +148,43 @@ fn write_tokens(path: &Path, rows: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The value after `name` on the command line, if any.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() -> anyhow::Result<()> {
-    let steps: u64 = std::env::args()
-        .nth(1)
+    taper::model::device::quiet_elementwise_threads();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let steps: u64 = args
+        .first()
+        .filter(|a| !a.starts_with("--"))
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(10);
+    let z = match flag(&args, "--size").as_deref() {
+        None | Some("bench") => BENCH,
+        Some("gpu") => GPU,
+        Some(other) => anyhow::bail!("--size {other}: expected bench or gpu"),
+    };
+    let device = flag(&args, "--device").unwrap_or_else(|| "cpu".into());
+    let dtype = flag(&args, "--dtype").unwrap_or_else(|| "f32".into());
     let ws = tempfile::tempdir()?;
-    write_model(&ws.path().join("models/base"))?;
+    write_model(&ws.path().join("models/base"), z)?;
     write_tokens(
         &ws.path().join("tokens/train/part-00000.parquet"),
-        steps as usize * BATCH,
+        steps as usize * z.batch,
+        z,
     )?;
+    let batch = z.batch;
     let yaml = format!(
         "version: 1\nname: bench\nstages:\n  train:\n    kind: train\n    outputs: [adapters/run]\n    with:\n      \
          base_model: models/base\n      data: {{train: tokens/train}}\n      \
          lora: {{r: 8, alpha: 16, targets: [q_proj, v_proj]}}\n      \
-         batch_size: {BATCH}\n      max_steps: {steps}\n      checkpoint_every: 0\n      device: cpu\n"
+         batch_size: {batch}\n      max_steps: {steps}\n      checkpoint_every: 0\n      \
+         device: {device}\n      dtype: {dtype}\n"
     );
     let file = Path::new("bench.yaml");
     let pipeline = taper::spec::load_str(file, &yaml, &[]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -159,8 +223,10 @@ fn main() -> anyhow::Result<()> {
     let rest = &rates[1.min(rates.len())..];
     let mean = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
     println!(
-        "taper tokens/s {mean:.1} over {} steps (batch {BATCH} x {SEQ})",
-        rest.len()
+        "taper tokens/s {mean:.1} over {} steps (batch {} x {}, {device}, {dtype})",
+        rest.len(),
+        z.batch,
+        z.seq
     );
     Ok(())
 }

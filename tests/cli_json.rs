@@ -274,3 +274,30 @@ fn init_kinds_and_completions() {
         );
     }
 }
+
+/// `taper completions bash | head -c 10`: when the reader goes away, a printing command
+/// ends quietly (by SIGPIPE, as other Unix tools do) instead of panicking on the write.
+#[test]
+fn a_closed_stdout_ends_a_printing_command_without_a_panic() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    // A pipe whose read end is closed before taper starts: its first write fails.
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just created by pipe(2) and are owned here alone.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let out = Command::new(env!("CARGO_BIN_EXE_taper"))
+        .current_dir(dir.path())
+        .args(["completions", "bash"])
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run taper");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
