@@ -4,17 +4,17 @@
 #
 #   bash benches/dvc_compare.sh [N_STAGES]      (default 1000)
 #
-# Needs: a release build of taper (built here if missing) and DVC from PyPI (installed
-# into a virtualenv under target/bench-venv if missing). Both tools first run the
-# pipeline once (`taper run`, `dvc repro`) so that every stage is up to date; only the
+# Needs: a release build of taper (built here if missing; TAPER=path to use another) and
+# DVC from PyPI (installed into a virtualenv under target/bench-venv if missing; VENV=path
+# to use another). Both tools first run the pipeline once (`taper run`, `dvc repro`) so that every stage is up to date; only the
 # up-to-date check is timed, best of 5, on the same machine and files.
 set -euo pipefail
 N=${1:-1000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-TAPER=$TARGET/release/taper
+TAPER=${TAPER:-$TARGET/release/taper}
 if [ ! -x "$TAPER" ]; then (cd "$ROOT" && cargo build --release --bin taper); fi
-VENV=$TARGET/bench-venv
+VENV=${VENV:-$TARGET/bench-venv}
 if [ ! -x "$VENV/bin/dvc" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q dvc

@@ -85,7 +85,9 @@ impl Console {
         if self.tty {
             let _ = self.bars.println(&text);
         } else {
-            eprintln!("{text}");
+            // Not `eprintln!`: a run goes on (and records its end) when whoever reads
+            // its stderr has gone away.
+            let _ = writeln!(std::io::stderr(), "{text}");
         }
         if let Some(f) = self.log.as_mut() {
             let _ = writeln!(f, "{} {text}", crate::state::time::now_rfc3339());

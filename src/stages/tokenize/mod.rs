@@ -40,7 +40,7 @@ pub use config::{
 };
 pub use error::{Location, LocationUnit, RecordProblem, TokenizeError};
 pub use manifest::{Manifest, MANIFEST_FORMAT};
-pub use read::{read_shard, read_shards, shard_paths, Row};
+pub use read::{read_shard, read_shard_rows, read_shards, shard_paths, Row};
 pub use run::run;
 pub use shard::ShardInfo;
 pub use source::{resolve_inputs, InputFile};

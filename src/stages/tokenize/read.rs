@@ -3,9 +3,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{UInt32Type, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
 
 use super::error::TokenizeError;
 
@@ -15,6 +16,14 @@ use super::error::TokenizeError;
 pub struct Row {
     pub input_ids: Vec<u32>,
     pub loss_mask: Vec<bool>,
+}
+
+impl Row {
+    /// Targets that count toward the loss (the first token is never one: nothing
+    /// predicts it).
+    pub fn targets(&self) -> usize {
+        self.loss_mask.iter().skip(1).filter(|&&m| m).count()
+    }
 }
 
 /// The shard files of one split folder (e.g. `<out_dir>/train`): every `part-*.parquet`,
@@ -42,6 +51,14 @@ pub fn read_shards(dir: &Path) -> Result<Vec<Row>, TokenizeError> {
     Ok(rows)
 }
 
+/// The rows of one shard file, in order (only the `input_ids` and `loss_mask` columns are
+/// read).
+pub fn read_shard_rows(path: &Path) -> Result<Vec<Row>, TokenizeError> {
+    let mut rows = Vec::new();
+    read_shard_into(path, &mut rows, None)?;
+    Ok(rows)
+}
+
 /// The rows of one shard file, with their `example_id`s.
 pub fn read_shard(path: &Path) -> Result<Vec<(Row, u64)>, TokenizeError> {
     let mut rows = Vec::new();
@@ -60,8 +77,22 @@ fn read_shard_into(
         message,
     };
     let file = File::open(path).map_err(|e| TokenizeError::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.to_string()))?;
+    // Read only the columns asked for (shards may carry more).
+    let schema = builder.parquet_schema();
+    let wanted: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| {
+            let column = schema.column(i);
+            let top = column.path().parts()[0].as_str();
+            top == "input_ids"
+                || top == "loss_mask"
+                || (example_ids.is_some() && top == "example_id")
+        })
+        .collect();
+    let projection = ProjectionMask::leaves(schema, wanted);
+    let reader = builder
+        .with_projection(projection)
+        .build()
         .map_err(|e| err(e.to_string()))?;
     let mut file_row = 0u64;
     for batch in reader {
@@ -97,7 +128,9 @@ fn read_shard_into(
             }
             rows.push(Row {
                 input_ids: id_values.values()[a..b].to_vec(),
-                loss_mask: (c..d).map(|j| mask_values.value(j)).collect(),
+                loss_mask: (c..d)
+                    .map(|j| mask_values.is_valid(j) && mask_values.value(j))
+                    .collect(),
             });
         }
         if let Some(out) = example_ids.as_deref_mut() {

@@ -9,34 +9,16 @@
 //!
 //! The order is a permutation of the rows drawn per epoch from the seed; the [`Cursor`]
 //! (epoch, position, order) is all a checkpoint needs to continue the same stream.
-//
-// The tokenize stage has its own reader (`stages::tokenize::read`); this one reads only
-// the two columns training needs, and the two are to be merged into one.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::UInt32Type;
 use candle_core::{Device, Tensor};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 
 use super::rng::Rng;
+use crate::stages::tokenize;
 
-/// One training row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    pub input_ids: Vec<u32>,
-    pub loss_mask: Vec<bool>,
-}
-
-impl Row {
-    /// Targets that count toward the loss (the first token is never one).
-    pub fn targets(&self) -> usize {
-        self.loss_mask.iter().skip(1).filter(|&&m| m).count()
-    }
-}
+/// One training row (the tokenize stage's reader defines it).
+pub use crate::stages::tokenize::Row;
 
 /// The rows of one split, with how many were dropped.
 #[derive(Debug, Clone, Default)]
@@ -45,104 +27,32 @@ pub struct Split {
     pub dropped: usize,
 }
 
-/// The `part-*.parquet` files of `dir`, sorted by name.
-pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("{}: cannot read: {e}", dir.display()))?;
-    let mut paths = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("part-") && name.ends_with(".parquet") {
-            paths.push(entry.path());
-        }
-    }
-    paths.sort();
-    Ok(paths)
-}
-
 /// Every usable row of the shards in `dir`, in file order. Ids must be below `vocab`.
 pub fn read_split(dir: &Path, vocab: usize) -> Result<Split, String> {
-    let paths = shard_paths(dir)?;
+    let paths = tokenize::shard_paths(dir).map_err(|e| e.to_string())?;
     if paths.is_empty() {
         return Err(format!("{}: no part-*.parquet token shards", dir.display()));
     }
     let mut split = Split::default();
     for path in paths {
-        read_shard(&path, vocab, &mut split)?;
-    }
-    Ok(split)
-}
-
-fn read_shard(path: &Path, vocab: usize, out: &mut Split) -> Result<(), String> {
-    let err = |m: String| format!("{}: {m}", path.display());
-    let file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.to_string()))?;
-    let schema = builder.parquet_schema();
-    let wanted: Vec<usize> = (0..schema.num_columns())
-        .filter(|&i| {
-            let p = schema.column(i).path().parts()[0].clone();
-            p == "input_ids" || p == "loss_mask"
-        })
-        .collect();
-    let mask = ProjectionMask::leaves(schema, wanted);
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let mut file_row = 0usize;
-    for batch in reader {
-        let batch = batch.map_err(|e| err(e.to_string()))?;
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .ok_or_else(|| err(format!("no column \"{name}\"")))
-        };
-        let ids = column("input_ids")?
-            .as_list_opt::<i32>()
-            .ok_or_else(|| err("input_ids is not a list".into()))?;
-        let mask = column("loss_mask")?
-            .as_list_opt::<i32>()
-            .ok_or_else(|| err("loss_mask is not a list".into()))?;
-        let id_values = ids
-            .values()
-            .as_primitive_opt::<UInt32Type>()
-            .ok_or_else(|| err("input_ids items are not u32".into()))?;
-        let mask_values = mask
-            .values()
-            .as_boolean_opt()
-            .ok_or_else(|| err("loss_mask items are not bool".into()))?;
-        let (io, mo) = (ids.value_offsets(), mask.value_offsets());
-        for i in 0..batch.num_rows() {
-            let (a, b) = (io[i] as usize, io[i + 1] as usize);
-            let (c, d) = (mo[i] as usize, mo[i + 1] as usize);
-            if b - a != d - c {
-                return Err(err(format!(
-                    "row {file_row}: input_ids and loss_mask differ in length"
-                )));
+        let rows = tokenize::read_shard_rows(&path).map_err(|e| e.to_string())?;
+        for (file_row, row) in rows.into_iter().enumerate() {
+            if let Some(bad) = row.input_ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(format!(
+                    "{}: row {}: token id {bad} is outside the model's vocabulary \
+                     (size {vocab}); were the shards made with this model's tokenizer?",
+                    path.display(),
+                    file_row + 1
+                ));
             }
-            let input_ids = id_values.values()[a..b].to_vec();
-            if let Some(bad) = input_ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(err(format!(
-                    "row {file_row}: token id {bad} is outside the model's vocabulary \
-                     (size {vocab}); were the shards made with this model's tokenizer?"
-                )));
-            }
-            let row = Row {
-                input_ids,
-                loss_mask: (c..d)
-                    .map(|j| mask_values.is_valid(j) && mask_values.value(j))
-                    .collect(),
-            };
             if row.targets() == 0 {
-                out.dropped += 1;
+                split.dropped += 1;
             } else {
-                out.rows.push(row);
+                split.rows.push(row);
             }
-            file_row += 1;
         }
     }
-    Ok(())
+    Ok(split)
 }
 
 /// Where the training stream is: the epoch, the position inside its order, and the order.
