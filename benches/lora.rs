@@ -2,7 +2,7 @@
 //! differentiable softmax and RMSNorm against candle's fused kernels, forward+backward
 //! of a LoRA layer with the frozen-linear op against a plain matmul, and the forward of a
 //! small Llama built from random weights. Sample sizes are small; run with
-//! `cargo bench --bench lora`.
+//! `cargo bench --bench lora`. `benches/lora_torch.py` times the same shapes in PyTorch.
 
 use std::time::Duration;
 
@@ -89,6 +89,17 @@ fn rms_norm(c: &mut Criterion) {
     });
     group.bench_function("candle_fused_no_backward", |b| {
         b.iter(|| candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap())
+    });
+    group.finish();
+}
+
+fn layer_norm(c: &mut Criterion) {
+    // Not used by Llama or Qwen2 (they use RMSNorm); here to compare with the seed's suite.
+    let mut group = c.benchmark_group("layer_norm_4x128x2048");
+    let x = randn(&[BATCH, SEQ, 2048]);
+    let (w, b) = (randn(&[2048]), randn(&[2048]));
+    group.bench_function("candle_fused_no_backward", |bench| {
+        bench.iter(|| candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap())
     });
     group.finish();
 }
@@ -196,6 +207,6 @@ criterion_group! {
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(2))
     };
-    targets = lora_forward, lora_rank_scaling, softmax, rms_norm, lora_forward_backward, model_forward
+    targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, model_forward
 }
 criterion_main!(benches);

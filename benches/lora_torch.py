@@ -1,0 +1,79 @@
+"""PyTorch counterpart of benches/lora.rs: the same shapes, timed the same way (mean of
+repeated calls after a warm-up), so taper/PyTorch ratios can be taken on one machine.
+
+    python3 benches/lora_torch.py [threads]       (default 2; set RAYON_NUM_THREADS to the
+                                                    same number for `cargo bench --bench lora`)
+
+Prints one line per case: criterion's group/name, and milliseconds per call."""
+import sys
+import time
+
+import torch
+
+threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+B, S = 4, 128
+
+
+def randn(*shape, grad=False):
+    return (torch.randn(*shape) * 0.02).requires_grad_(grad)
+
+
+def bench(name, f, seconds=2.0):
+    f()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f()
+        n += 1
+    print(f"{name:48} {(time.perf_counter() - t0) / n * 1e3:9.3f} ms")
+
+
+def lora(x, w, a, b, scale=2.0):
+    # PEFT's LoRA Linear, dropout 0: base(x) + lora_B(lora_A(x)) * scaling
+    return torch.nn.functional.linear(x, w) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x, a), b) * scale
+
+
+with torch.no_grad():
+    for d in [512, 2048]:
+        x, w, a, b = randn(B, S, d), randn(d, d), randn(16, d), randn(d, 16)
+        bench(f"lora_forward/r16/{d}", lambda: lora(x, w, a, b))
+    x, w = randn(B, S, 2048), randn(2048, 2048)
+    for r in [8, 16, 32, 64]:
+        a, b = randn(r, 2048), randn(2048, r)
+        bench(f"lora_rank_d2048/{r}", lambda: lora(x, w, a, b))
+    x = randn(1024, 1024)
+    bench("softmax_1024x1024", lambda: torch.softmax(x, dim=-1))
+    x, g = randn(B, S, 2048), randn(2048)
+    bench("rms_norm_4x128x2048", lambda: torch.nn.functional.rms_norm(x, (2048,), g, 1e-5))
+    bb = randn(2048)
+    bench("layer_norm_4x128x2048", lambda: torch.nn.functional.layer_norm(x, (2048,), g, bb, 1e-5))
+
+# Forward + backward of one LoRA layer: frozen base weight (no gradient), trainable A and
+# B, an input that needs a gradient (as in any block below another adapted one).
+x = randn(B, S, 2048, grad=True)
+w = randn(2048, 2048)
+a, b = randn(16, 2048, grad=True), randn(2048, 16, grad=True)
+
+
+def fwd_bwd():
+    lora(x, w, a, b).sum().backward()
+    x.grad = a.grad = b.grad = None
+
+
+bench("lora_fwd_bwd_d2048_r16", fwd_bwd)
+
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = (torch.arange(S) * 37 % 8192).unsqueeze(0)
+    for attn in ["eager", "sdpa"]:
+        model.config._attn_implementation = attn
+        with torch.no_grad():
+            bench(f"llama_h512_l8_forward/1x128 ({attn} attention)", lambda: model(ids))
+except ImportError:
+    print("llama_h512_l8_forward: skipped (transformers not installed)")
