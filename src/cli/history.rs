@@ -2,7 +2,8 @@
 
 use super::exit::{self, Failure};
 use crate::state::{
-    time::rfc3339, EventRow, Layout, Ledger, MetricRow, RunRow, StageRunRow, WorkspaceLock,
+    time::rfc3339, EventRow, Layout, Ledger, LedgerError, MetricRow, RunRow, StageRunRow,
+    WorkspaceLock,
 };
 use clap::Args;
 use std::collections::BTreeMap;
@@ -26,6 +27,15 @@ pub struct ShowArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `taper gc` options.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Also remove each pipeline's runs beyond its newest N from the ledger, as
+    /// `keep_runs: N` does after a run (never a run holding a stage's latest success).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_runs: Option<u32>,
 }
 
 /// The last row of each run, newest first.
@@ -228,9 +238,34 @@ pub fn show(layout: &Layout, a: &ShowArgs) -> Result<i32, Failure> {
     Ok(exit::SUCCESS)
 }
 
+/// Removes the runs of `pipeline` (of every pipeline when `None`) beyond its newest
+/// `keep` from the ledger, and their log folders; `plan::retention` says which. Returns
+/// their ids, oldest first. The caller holds the exclusive workspace lock.
+pub fn prune_runs(
+    layout: &Layout,
+    keep: usize,
+    pipeline: Option<&str>,
+) -> Result<Vec<String>, LedgerError> {
+    let ids = crate::plan::retention::prune(&Ledger::new(layout), keep, pipeline)?;
+    for id in &ids {
+        // Run ids name folders: never follow one that is not a plain name.
+        if !id.is_empty() && !id.starts_with('.') && !id.contains(['/', '\\']) {
+            let _ = std::fs::remove_dir_all(layout.run_dir(id));
+        }
+    }
+    Ok(ids)
+}
+
 /// `taper gc`.
-pub fn gc(layout: &Layout) -> Result<i32, Failure> {
+pub fn gc(layout: &Layout, a: &GcArgs) -> Result<i32, Failure> {
     let _lock = WorkspaceLock::acquire(layout, "gc")?;
+    if let Some(keep) = a.keep_runs {
+        let removed = prune_runs(layout, keep as usize, None)?;
+        println!(
+            "removed {} old run(s) from the ledger (--keep-runs {keep})",
+            removed.len()
+        );
+    }
     let ledger = Ledger::new(layout);
     let merged = ledger.compact::<RunRow>()?
         + ledger.compact::<StageRunRow>()?

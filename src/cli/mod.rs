@@ -59,8 +59,9 @@ pub enum Command {
     Init(init::InitArgs),
     /// Print a shell completion script: `taper completions bash > ~/.local/share/bash-completion/completions/taper`.
     Completions(init::CompletionsArgs),
-    /// Compact the ledger (merge its files) and empty `.taper/trash`.
-    Gc,
+    /// Compact the ledger (merge its files) and empty `.taper/trash`; with
+    /// `--keep-runs N`, first remove each pipeline's runs beyond its newest N.
+    Gc(history::GcArgs),
     /// Run a pipeline on its `schedule:` (foreground), or list its next fire times.
     Schedule(schedule::ScheduleArgs),
     /// Write the pipeline for another scheduler or engine (systemd, Argo Workflows).
@@ -134,7 +135,7 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Kinds(a) => kinds::kinds(&a),
         Command::Init(a) => init::init(&a),
         Command::Completions(a) => init::completions(&a),
-        Command::Gc => history::gc(&layout),
+        Command::Gc(a) => history::gc(&layout, &a),
         Command::Schedule(a) => schedule::schedule(&layout, &a),
         Command::Export(a) => export::export(&layout, &a),
         Command::Inspect(a) => model::inspect(&a),

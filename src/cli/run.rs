@@ -133,12 +133,14 @@ pub fn run(layout: &Layout, a: &RunArgs) -> Result<i32, Failure> {
             format!("error: the run could not be recorded: {e}"),
         ));
     }
-    // Compaction deletes the files it merged: only a holder of the exclusive lock may.
-    if !lock.is_shared() {
-        compact_if_large(&ledger);
-    }
+    // A full run holds the exclusive lock, which pruning and compaction need: they
+    // delete ledger files.
     if status == RunStatus::Success && a.select.only.is_none() {
         publish_run_folder(layout, &loaded);
+        prune_ledger(layout, &loaded);
+    }
+    if !lock.is_shared() {
+        compact_if_large(&ledger);
     }
     // The report is written after every full run, failed ones included (that is when it
     // helps most); it is not a stage output, so it is not fingerprinted.
@@ -182,6 +184,25 @@ fn publish_run_folder(layout: &Layout, loaded: &super::load::Loaded) {
             Ok(_) => {}
             Err(e) => eprintln!("warning: cannot remove old run folders of {folder}: {e}"),
         }
+    }
+}
+
+/// After a successful full run of a pipeline with `keep_runs: N`: removes its runs beyond
+/// the newest N from the ledger, except those planning still reads (`plan::retention`).
+/// Problems are warnings: the run succeeded.
+fn prune_ledger(layout: &Layout, loaded: &super::load::Loaded) {
+    let Some(keep) = loaded.schedule.as_ref().and_then(|s| s.keep_runs) else {
+        return;
+    };
+    let name = &loaded.pipeline.name;
+    match super::history::prune_runs(layout, keep as usize, Some(name)) {
+        Ok(removed) if !removed.is_empty() => eprintln!(
+            "removed {} old run(s) of {name} from the ledger (keep_runs: {keep}): {}",
+            removed.len(),
+            removed.join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: cannot remove old runs of {name} from the ledger: {e}"),
     }
 }
 

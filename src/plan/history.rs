@@ -1,7 +1,7 @@
 //! What the ledger remembers about each stage, indexed for planning.
 
 use crate::state::{Ledger, LedgerError, StageRunRow};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// The latest recorded outcomes per stage name.
 #[derive(Debug, Default)]
@@ -30,5 +30,15 @@ impl History {
             }
         }
         h
+    }
+
+    /// The runs whose rows this history indexes. Removing the rows of other runs from the
+    /// ledger leaves the history, and so every plan, as it is.
+    pub fn run_ids(&self) -> BTreeSet<&str> {
+        self.last_success
+            .values()
+            .chain(self.last.values())
+            .map(|r| r.run_id.as_str())
+            .collect()
     }
 }

@@ -6,6 +6,7 @@ pub mod fingerprint;
 pub mod graph;
 pub mod history;
 pub mod planner;
+pub mod retention;
 
 pub use check::{check_stage, Check};
 pub use graph::{missing_inputs, Dag, EdgeWhy};
