@@ -13,12 +13,11 @@ cd "$(dirname "$0")/.."
 fx=tests/fixtures
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-run() { # name model adapter dtype
-  local extra=()
-  [ -n "$3" ] && extra=(--adapter "$3")
+run() { # model adapter dtype
+  local extra=() which=base
+  if [ -n "$2" ]; then extra=(--adapter "$2"); which=adapter; fi
   "$taper" forward --model "$1" "${extra[@]}" --input-ids $fx/expected/input_ids.json \
-    --out "$work/$4-$(basename "$1")-$( [ -n "$3" ] && echo adapter || echo base).safetensors \
-    --device cuda --dtype "$4"
+    --out "$work/$3-$(basename "$1")-$which.safetensors" --device cuda --dtype "$3"
 }
 for dtype in f32 bf16; do
   run $fx/tiny-llama "" $dtype

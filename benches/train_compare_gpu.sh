@@ -10,23 +10,29 @@
 # BIN_DIR holds `train_bench`, built with
 #   cargo build --release --features cuda --example train_bench
 # (see README, "CUDA"). Needs python3 with torch, transformers and peft, and nvidia-smi.
-set -euo pipefail
+set -uo pipefail
 bin="$1/train_bench"
-steps="${2:-12}"
+steps="${2:-8}"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
-# Peak GPU memory of taper: the highest `memory.used` nvidia-smi reports while it runs
-# (the CUDA context included; PyTorch's figure below is its allocator's peak, without it).
-mem=$(mktemp)
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$mem" &
-smi=$!
-echo "== taper (cuda, bf16)"
-"$bin" "$steps" --size gpu --device cuda --dtype bf16
-kill "$smi"
-echo "taper peak GPU memory $(sort -n "$mem" | tail -1) MiB (nvidia-smi, sampled every 200 ms)"
-rm -f "$mem"
-for attn in eager sdpa; do
-  echo "== PyTorch + PEFT (cuda, bf16, attention $attn)"
-  python3 benches/train_torch.py "$steps" 16 --size gpu --device cuda --dtype bf16 --attn "$attn"
+# BATCHES (default "8 4 2") are run in turn, each with sequence length 1024: where one
+# side runs out of GPU memory it says so and the next batch size is tried.
+for b in ${BATCHES:-8 4 2}; do
+  echo "#### batch $b x 1024 ($(date -u +%T))"
+  # Peak GPU memory of taper: the highest `memory.used` nvidia-smi reports while it runs
+  # (the CUDA context included; PyTorch's figure is its allocator's peak, without it).
+  mem=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$mem" &
+  smi=$!
+  echo "== taper (cuda, bf16)"
+  "$bin" "$steps" --size gpu --device cuda --dtype bf16 --batch "$b" 2>&1 | grep -v '^ *[0-9]*: ' || true
+  kill "$smi"
+  echo "taper peak GPU memory $(sort -n "$mem" | tail -1) MiB (nvidia-smi, sampled every 200 ms)"
+  rm -f "$mem"
+  for attn in eager sdpa; do
+    echo "== PyTorch + PEFT (cuda, bf16, attention $attn) ($(date -u +%T))"
+    python3 benches/train_torch.py "$steps" 16 --size gpu --device cuda --dtype bf16 \
+      --attn "$attn" --batch "$b" 2>&1 | tail -1 || true
+  done
 done

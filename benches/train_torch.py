@@ -24,6 +24,8 @@ ap.add_argument("--size", choices=["bench", "gpu"], default="bench")
 ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
 ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
+ap.add_argument("--batch", type=int, help="override the size's batch")
+ap.add_argument("--seq", type=int, help="override the size's sequence length")
 a = ap.parse_args()
 
 torch.set_num_threads(a.threads)
@@ -36,11 +38,13 @@ else:
     shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                  num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
     batch, seq = 8, 1024
+batch, seq = a.batch or batch, a.seq or seq
 cfg = LlamaConfig(**shape, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   max_position_embeddings=4096, attn_implementation=a.attn)
 dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
 dev = torch.device(a.device)
-model = LlamaForCausalLM(cfg).to(dtype=dtype, device=dev)
+with dev:  # initialise on the device (fast for the large size)
+    model = LlamaForCausalLM(cfg).to(dtype=dtype)
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
 model.train()

@@ -1,7 +1,7 @@
 //! Drives taper's train stage on a random-weight Llama and prints training tokens/s.
 //! Used by `benches/train_compare.sh` (CPU) and `benches/train_compare_gpu.sh` (CUDA).
 //!
-//! `cargo run --example train_bench -- [steps] [--size bench|gpu] [--device cpu|cuda] [--dtype f32|bf16]`
+//! `cargo run --example train_bench -- [steps] [--size bench|gpu] [--device cpu|cuda] [--dtype f32|bf16] [--batch B] [--seq S]`
 //!
 //! - `bench`: hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192, batch 4 × 256.
 //! - `gpu`: hidden 2048, intermediate 5632, 16 layers, 32 heads (4 key/value heads),
@@ -53,7 +53,7 @@ const GPU: Size = Size {
     batch: 8,
 };
 
-fn write_model(dir: &Path, z: Size) -> anyhow::Result<()> {
+fn write_model(dir: &Path, z: Size, dev: &Device) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -64,12 +64,11 @@ fn write_model(dir: &Path, z: Size) -> anyhow::Result<()> {
         "torch_dtype": "bfloat16",
     });
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-    let dev = Device::Cpu;
     // Stored as bf16 (half the bytes to write for the large size); loaded in the compute dtype.
     let rand = |rows: usize, cols: usize| {
-        Tensor::randn(0f32, 0.02, (rows, cols), &dev)?.to_dtype(DType::BF16)
+        Tensor::randn(0f32, 0.02, (rows, cols), dev)?.to_dtype(DType::BF16)
     };
-    let ones = || Tensor::ones(z.hidden, DType::BF16, &dev);
+    let ones = || Tensor::ones(z.hidden, DType::BF16, dev);
     let mut t = std::collections::HashMap::new();
     t.insert(
         "model.embed_tokens.weight".to_string(),
@@ -169,10 +168,20 @@ fn main() -> anyhow::Result<()> {
         Some("gpu") => GPU,
         Some(other) => anyhow::bail!("--size {other}: expected bench or gpu"),
     };
+    let mut z = z;
+    if let Some(b) = flag(&args, "--batch") {
+        z.batch = b.parse()?;
+    }
+    if let Some(s) = flag(&args, "--seq") {
+        z.seq = s.parse()?;
+    }
     let device = flag(&args, "--device").unwrap_or_else(|| "cpu".into());
     let dtype = flag(&args, "--dtype").unwrap_or_else(|| "f32".into());
     let ws = tempfile::tempdir()?;
-    write_model(&ws.path().join("models/base"), z)?;
+    // Random weights are drawn on the benchmark's device (fast on a GPU for the large size).
+    let choice: taper::model::DeviceChoice = device.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let dev = choice.open()?;
+    write_model(&ws.path().join("models/base"), z, &dev)?;
     write_tokens(
         &ws.path().join("tokens/train/part-00000.parquet"),
         steps as usize * z.batch,
