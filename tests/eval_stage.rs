@@ -291,6 +291,11 @@ fn passing_gates_publish_the_report_and_downstream_runs() {
     assert_eq!(samples.len(), 2);
     assert_eq!(samples[1]["prompt"], "free of charge");
     assert!(samples[0]["tokens"].as_u64().unwrap() <= 6);
+    // With compare_base, the base alone answers the same prompts.
+    let base_samples = r["base_samples"].as_array().unwrap();
+    assert_eq!(base_samples.len(), 2);
+    assert_eq!(base_samples[1]["prompt"], "free of charge");
+    assert!(base_samples[0]["tokens"].as_u64().unwrap() <= 6);
     // Keys are sorted at every level.
     let top: Vec<&String> = r.as_object().unwrap().keys().collect();
     let mut sorted = top.clone();
@@ -316,6 +321,7 @@ fn passing_gates_publish_the_report_and_downstream_runs() {
     let text2 = std::fs::read_to_string(ws.path().join("reports/eval.json")).unwrap();
     let r2: serde_json::Value = serde_json::from_str(&text2).unwrap();
     assert_eq!(r["samples"], r2["samples"]);
+    assert_eq!(r["base_samples"], r2["base_samples"]);
 }
 
 #[test]

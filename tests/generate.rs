@@ -195,6 +195,27 @@ fn the_tokenizer_adds_bos_and_knows_eos() {
     assert_eq!(t.decode(&ids).unwrap(), "Permission is hereby");
 }
 
+#[test]
+fn add_bos_token_false_means_no_bos_before_the_prompt() {
+    // As SmolLM2's GGUF import writes it: BOS named, but not put before text.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": false}"#,
+    )
+    .unwrap();
+    let t = TextTokenizer::from_model_dir(dir.path()).unwrap();
+    assert_eq!(t.bos, None);
+    assert_eq!(t.stop, vec![2]);
+    let ids = t.encode_prompt("Permission is hereby", None).unwrap();
+    assert_eq!(&ids[..3], &input_ids()[0][..3]);
+}
+
 fn taper(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_taper"))
         .args(args)

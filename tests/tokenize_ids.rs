@@ -234,6 +234,33 @@ fn add_bos_true_without_a_bos_token_is_a_clear_error() {
     );
 }
 
+#[test]
+fn add_bos_token_false_in_tokenizer_config_means_no_bos_unless_asked() {
+    // SmolLM2 (and its GGUF import): BOS is `<|im_start|>`, which a chat already starts
+    // with; `add_bos_token: false` says the text does not get another one.
+    let ws = Workspace::new();
+    ws.write(
+        "tok/tokenizer_config.json",
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": false}"#,
+    );
+    ws.write("data/a.txt", "hello world\n");
+    let body = ids(&reference_tokenizer(), "hello world");
+    ws.run("tokenizer: tok/tokenizer.json\nsource: {path: data/a.txt}\nsplit: {valid: 0}\n")
+        .unwrap();
+    let mut want = body.clone();
+    want.push(2);
+    assert_eq!(ws.rows("train")[0].input_ids, want, "no BOS, EOS kept");
+    // The stage's own `add_bos: true` still wins.
+    ws.run_in(
+        "tokenizer: tok/tokenizer.json\nsource: {path: data/a.txt}\nsplit: {valid: 0}\n\
+         add_bos: true\n",
+        "out2",
+        1,
+    )
+    .unwrap();
+    assert_eq!(tokenize_util_rows(&ws, "out2")[0].input_ids[0], 1);
+}
+
 fn tokenize_util_rows(ws: &Workspace, out: &str) -> Vec<taper::stages::tokenize::Row> {
     ws.rows_with_ids(out, "train")
         .into_iter()

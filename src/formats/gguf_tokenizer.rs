@@ -134,3 +134,68 @@ pub fn rebuild(meta: &HashMap<String, Value>) -> Result<Rebuilt, String> {
     }
     Ok(Rebuilt { tokenizer, config })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Value {
+        Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// A byte-level vocabulary like SmolLM2's: specials first, single bytes, `ĠĠ`, and
+    /// no merge that joins digits (its merges were learned on digits split one by one).
+    fn smollm_like(pre: &str) -> HashMap<String, Value> {
+        let tokens = [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "Ġ",
+            "1",
+            "2",
+            "a",
+            "ĠĠ",
+        ];
+        HashMap::from([
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+            ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array([3, 3, 3, 1, 1, 1, 1, 1].map(Value::I32).to_vec()),
+            ),
+            ("tokenizer.ggml.merges".into(), strings(&["Ġ Ġ"])),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ])
+    }
+
+    fn encode(meta: &HashMap<String, Value>, text: &str) -> Vec<u32> {
+        let json = rebuild(meta).unwrap().tokenizer.to_string();
+        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        tok.encode(text, false).unwrap().get_ids().to_vec()
+    }
+
+    #[test]
+    fn smollm_splits_each_digit_as_llama_cpp_does() {
+        // Checked on SmolLM2-135M-Instruct.Q4_1.gguf by benches/gguf_check.py: llama.cpp's
+        // `smollm` split isolates digits, so two spaces before `12` stay one `ĠĠ`.
+        assert_eq!(encode(&smollm_like("smollm"), "  12"), [7, 4, 5]);
+        // Without the digit split GPT-2's regex takes ` 12` together: `Ġ`, `Ġ`, `1`, `2`.
+        assert_eq!(encode(&smollm_like("gpt2"), "  12"), [3, 3, 4, 5]);
+        // Control tokens stay whole.
+        assert_eq!(
+            encode(&smollm_like("smollm"), "<|im_start|>a<|im_end|>"),
+            [1, 6, 2]
+        );
+    }
+
+    #[test]
+    fn tokenizer_config_keeps_bos_and_add_bos_token() {
+        let config = rebuild(&smollm_like("smollm")).unwrap().config;
+        assert_eq!(config["bos_token"], "<|im_start|>");
+        assert_eq!(config["eos_token"], "<|im_end|>");
+        assert_eq!(config["add_bos_token"], false);
+    }
+}

@@ -5,7 +5,8 @@
 //! BOS and EOS are found as the tokenize stage finds them, so a prompt looks like the
 //! start of a training row: `tokenizer_config.json`'s `bos_token` / `eos_token` (a string
 //! or `{content}`; `null` = none), else the first special token of the vocabulary among
-//! the usual names. Generation also stops at `generation_config.json`'s `eos_token_id`
+//! the usual names; `add_bos_token: false` there means no BOS in front of a prompt (as the
+//! tokenize stage leaves it out of training rows). Generation also stops at `generation_config.json`'s `eos_token_id`
 //! (a number or a list) and, with a chat template, at the template's end-of-turn marker.
 //!
 //! The chat templates render one user turn and the assistant header, exactly as the
@@ -109,7 +110,10 @@ impl TextTokenizer {
         tokenizer.with_padding(None);
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let generation = read_optional_json(&dir.join("generation_config.json"))?;
-        let bos = resolve(&tokenizer, config.as_ref(), "bos_token", BOS_NAMES);
+        let bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
+            Some(serde_json::Value::Bool(false)) => None,
+            _ => resolve(&tokenizer, config.as_ref(), "bos_token", BOS_NAMES),
+        };
         let eos = resolve(&tokenizer, config.as_ref(), "eos_token", EOS_NAMES);
         let mut stop: Vec<u32> = eos.into_iter().collect();
         match generation.as_ref().and_then(|g| g.get("eos_token_id")) {

@@ -244,6 +244,13 @@ fn eval_section(h: &mut String, r: &RunReport) {
             }
         }
     }
+    // With `compare_base`, the same prompts answered by the base alone.
+    if let Some(v) = r.eval_json.as_ref().and_then(|v| v.get("base_samples")) {
+        if v.as_array().is_some_and(|a| !a.is_empty()) {
+            let _ = writeln!(h, "<h3>Base model samples</h3>");
+            json_table(h, "samples", v);
+        }
+    }
 }
 
 /// A JSON list of objects (or a map of name to object) as a table whose columns are the

@@ -42,7 +42,8 @@ pub const KINDS: &[KindInfo] = &[
     },
     KindInfo {
         name: "tokenize",
-        version: 1,
+        // 2: `add_bos_token: false` in tokenizer_config.json leaves BOS out by default.
+        version: 2,
         resumable: false,
         unavailable: None,
         keys: tokenize::config::KEYS,

@@ -6,7 +6,7 @@
 //!   base_model: models/base          # model folder (config.json, safetensors, tokenizer.json)
 //!   adapter: adapters/run            # optional; any adapter format taper reads
 //!   data: tokens/valid               # a folder of token shards from the tokenize stage
-//!   compare_base: true               # also score the base model alone (default false)
+//!   compare_base: true               # also score (and sample) the base alone (default false)
 //!   batch_size: 4                    # rows per forward pass (default 4)
 //!   device: auto                     # cpu | cuda | metal | auto (default auto)
 //!   dtype: f32                       # f32 | bf16 (default f32)
@@ -246,7 +246,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("base_model", "required", "model folder"),
     ("adapter", "none", "adapter folder (any format taper reads), applied unmerged; none = the base alone"),
     ("data", "required", "folder of token shards (part-*.parquet) to score"),
-    ("compare_base", "false", "also score the base model alone (base_* metrics, improvement)"),
+    ("compare_base", "false", "also score the base model alone (base_* metrics, improvement) and, with samples, generate from it too (base_samples)"),
     ("batch_size", "4", "rows per forward pass"),
     ("device", "auto", "cpu | cuda | metal | auto"),
     ("dtype", "f32", "compute dtype: f32 | bf16"),

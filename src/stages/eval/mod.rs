@@ -24,4 +24,4 @@ pub use run::run;
 pub use score::{score, Score, ScoreError};
 
 /// Bumped when the way an eval stage computes its outputs changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;

@@ -27,6 +27,9 @@ pub struct Report {
     /// Whether every gate passed.
     pub passed: bool,
     pub samples: Vec<Sample>,
+    /// The same prompts through the base alone, with `compare_base` and an adapter;
+    /// empty otherwise.
+    pub base_samples: Vec<Sample>,
 }
 
 /// One generated sample.

@@ -1,5 +1,6 @@
 //! One attempt of an eval stage: score the rows with the adapter (and the base alone),
-//! report the metrics, check the gates, generate the samples, write the report.
+//! report the metrics, check the gates, generate the samples (with `compare_base`, also
+//! from the base alone), write the report.
 //!
 //! The gates are checked before the samples: a failed gate fails the stage at once, and
 //! the executor publishes nothing (the metrics are in the ledger already).
@@ -79,9 +80,14 @@ pub fn run(cfg: &EvalConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
         return Err(StageError::Gate(failures.join("; ")));
     }
 
-    let samples = match &cfg.samples {
-        Some(s) => samples(ctx, s, model, &base_dir)?,
+    let adapter_samples = match &cfg.samples {
+        Some(s) => samples(ctx, s, model, &base_dir, "")?,
         None => Vec::new(),
+    };
+    // The same prompts through the base alone: what the adapter changed.
+    let base_samples = match (&cfg.samples, cfg.compare_base && adapted.is_some()) {
+        (Some(s), true) => samples(ctx, s, &base, &base_dir, "base ")?,
+        _ => Vec::new(),
     };
     let report = Report {
         base_model: cfg.base_model.clone(),
@@ -92,7 +98,8 @@ pub fn run(cfg: &EvalConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
         improvement_over_base: improvement,
         gates: gate_results,
         passed: true,
-        samples,
+        samples: adapter_samples,
+        base_samples,
     };
     report.write(&ctx.staged(&cfg.report)).map_err(failed)
 }
@@ -144,6 +151,7 @@ fn samples(
     s: &SamplesConfig,
     model: &Llama,
     base_dir: &std::path::Path,
+    label: &str,
 ) -> Result<Vec<Sample>, StageError> {
     let failed = |m: String| StageError::Failed(format!("samples: {m}"));
     let path = ctx.workspace.join(&s.prompts);
@@ -183,7 +191,7 @@ fn samples(
             done: i as u64 + 1,
             total: Some(prompts.len() as u64),
             unit: "samples".into(),
-            message: "generating samples".into(),
+            message: format!("generating {label}samples"),
         });
     }
     Ok(out)

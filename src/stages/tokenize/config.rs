@@ -61,7 +61,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("packing", "true", "consecutive examples share rows"),
     (
         "add_bos",
-        "when the tokenizer has one",
+        "when the tokenizer has one (and tokenizer_config.json has no add_bos_token: false)",
         "prepend the BOS token",
     ),
     (
@@ -109,10 +109,12 @@ pub struct TokenizeConfig {
     #[serde(default = "default_true")]
     pub packing: bool,
     /// Put the tokenizer's BOS token before each example. Default (absent): add it when the
-    /// tokenizer has one; `true` requires one (an error if there is none); `false` never.
+    /// tokenizer has one and `tokenizer_config.json` does not say `add_bos_token: false`;
+    /// `true` requires one (an error if there is none); `false` never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub add_bos: Option<bool>,
-    /// Put the tokenizer's EOS token after each example. Same rule as `add_bos`.
+    /// Put the tokenizer's EOS token after each example. Same rule as `add_bos`, without
+    /// the `tokenizer_config.json` key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub add_eos: Option<bool>,
     /// Name the BOS token instead of finding it (e.g. `"<|begin_of_text|>"`). Default: found

@@ -14,8 +14,12 @@
 //!    EOS `</s>`, `<|end_of_text|>`, `<|endoftext|>`, `<|im_end|>`, `<eos>`, `<|eot_id|>`.
 //!
 //! A named token must be in the vocabulary. Then `add_bos` absent adds BOS if one was found,
-//! `true` requires one (an error saying what was looked for), `false` never adds it; the
-//! same for EOS.
+//! unless `tokenizer_config.json` says `add_bos_token: false` (the model has a BOS token but
+//! its text does not start with it, as SmolLM2's `<|im_start|>`; Hugging Face's key);
+//! `true` requires one (an error saying what was looked for), `false` never adds it. The
+//! same for EOS, except that `add_eos_token` is not read: Hugging Face tokenizers set it for
+//! encoding prompts, while the stage ends every training example with EOS so that the model
+//! learns to stop.
 
 use std::path::Path;
 
@@ -83,11 +87,17 @@ impl StageTokenizer {
             Some(dir) => read_side_config(&dir.join("tokenizer_config.json"), &cfg.tokenizer)?,
             None => None,
         };
+        let add_bos = cfg
+            .add_bos
+            .or(match side.as_ref().map(|v| v.get("add_bos_token")) {
+                Some(Some(serde_json::Value::Bool(false))) => Some(false),
+                _ => None,
+            });
         let bos = resolve(
             &tokenizer,
             &shown,
             "bos",
-            cfg.add_bos,
+            add_bos,
             cfg.bos_token.as_deref(),
             side.as_ref(),
             BOS_NAMES,
