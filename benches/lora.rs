@@ -199,14 +199,10 @@ fn model_forward(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    // As the binary does (see `quiet_elementwise_threads`), before candle's first op.
-    config = {
-        taper::model::device::quiet_elementwise_threads();
-        Criterion::default()
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(2))
-    };
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
     targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, model_forward
 }
 criterion_main!(benches);

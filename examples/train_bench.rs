@@ -155,7 +155,6 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    taper::model::device::quiet_elementwise_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let steps: u64 = args
         .first()
@@ -179,7 +178,8 @@ fn main() -> anyhow::Result<()> {
     let dtype = flag(&args, "--dtype").unwrap_or_else(|| "f32".into());
     let ws = tempfile::tempdir()?;
     // Random weights are drawn on the benchmark's device (fast on a GPU for the large size).
-    let choice: taper::model::DeviceChoice = device.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let choice: taper::model::DeviceChoice =
+        device.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let dev = choice.open()?;
     write_model(&ws.path().join("models/base"), z, &dev)?;
     write_tokens(

@@ -4,8 +4,6 @@ use clap::Parser;
 use taper::cli::{Cli, Command};
 
 fn main() {
-    // First, before any thread exists (see the function).
-    taper::model::device::quiet_elementwise_threads();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

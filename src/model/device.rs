@@ -8,21 +8,6 @@ use candle_core::Device;
 
 use super::error::ModelError;
 
-/// candle splits large element-wise CPU ops over a pool of spinning threads of its own
-/// (sized by `CANDLE_NUM_THREADS`, else one per core), beside the rayon pool that its
-/// matmuls (the `gemm` crate) use. On few cores the two pools fight for them; see
-/// BENCHMARKS.md for the measured effect on a train stage. So unless the user chose a size,
-/// candle's element-wise pool is left empty (ops run on the calling thread) while matmuls
-/// still use every core (`RAYON_NUM_THREADS`).
-///
-/// Call it before candle runs its first CPU op and before other threads read the
-/// environment: the binary does so first thing in `main`.
-pub fn quiet_elementwise_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
 /// A user's device request, as written in a pipeline file or on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
