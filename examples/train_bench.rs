@@ -155,6 +155,7 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    taper::model::device::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let steps: u64 = args
         .first()

@@ -4,6 +4,7 @@ use clap::Parser;
 use taper::cli::{Cli, Command};
 
 fn main() {
+    taper::model::device::keep_freed_buffers();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

@@ -1,22 +1,22 @@
 //! Grouped-query self-attention with rope and an additive causal/padding bias.
 //!
-//! Scores and softmax run in f32 for half-precision models (f64 for f64 models), as
-//! transformers does. The softmax is written out (`exp(x - max) / sum`) because candle's
-//! fused `softmax_last_dim` has no backward pass. Key/value heads are shared by groups
-//! of query heads without materialising repeated copies: the query heads of one group
-//! are folded into the sequence axis of a single matmul.
+//! The attention itself and the rotary embedding are [`super::fused`] ops: candle's fused
+//! kernels forward, a written-out backward that recomputes the probabilities instead of
+//! keeping them. Scores and softmax run in f32 for half-precision models (f64 for f64
+//! models), as transformers does. Key/value heads are shared by groups of query heads
+//! without materialising repeated copies.
 //!
 //! [`Attention::forward_cached`] is the incremental path: it appends the new keys and
 //! values to a [`LayerCache`] and attends over all cached positions.
 
 use candle_core::{ModuleT, Tensor, D};
 
+use super::fused;
+
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::kv_cache::LayerCache;
 use super::lora::LoraLinear;
-use super::norm::internal_dtype;
-use super::rope::apply_rope;
 use super::weights::Weights;
 
 /// The `q/k/v/o` projections of one decoder block and its head layout.
@@ -61,7 +61,7 @@ impl Attention {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
-    /// `x` `[b, s, hidden]`; `cos`/`sin` `[s, head_dim]`; `bias` `[b, 1, s, s]` in the
+    /// `x` `[b, s, hidden]`; `cos`/`sin` `[s, head_dim / 2]`; `bias` `[b, 1, s, s]` in the
     /// softmax dtype. Returns `[b, s, hidden]`.
     pub fn forward(
         &self,
@@ -108,7 +108,7 @@ impl Attention {
         let q = heads(self.q_proj.forward_t(x, train)?, nh)?;
         let k = heads(self.k_proj.forward_t(x, train)?, nkv)?;
         let v = heads(self.v_proj.forward_t(x, train)?, nkv)?;
-        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+        Ok((fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?, v))
     }
 
     /// Attention of `s` queries over `t` keys (`t = s` without a cache), then `o_proj`.
@@ -120,27 +120,8 @@ impl Attention {
         bias: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, _, s, _) = q.dims4()?;
-        let t = k.dim(2)?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let groups = nh / nkv;
-        // Query head i reads kv head i / groups: fold each group into the row axis.
-        let q = q.reshape((b, nkv, groups * s, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let dtype = scores.dtype();
-        let scores = scores
-            .to_dtype(internal_dtype(dtype))?
-            .reshape((b, nkv, groups, s, t))?;
-        let scores = match bias {
-            Some(bias) => scores.broadcast_add(&bias.unsqueeze(2)?)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?
-            .to_dtype(dtype)?
-            .reshape((b, nkv, groups * s, t))?;
-        let out = probs
-            .matmul(v)?
-            .reshape((b, nh, s, hd))?
+        let (b, nh, s, hd) = q.dims4()?;
+        let out = fused::attention(q, k, v, bias)?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
         self.o_proj.forward_t(&out, train)

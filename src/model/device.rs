@@ -62,11 +62,42 @@ fn open_cuda() -> Result<Device, ModelError> {
     if !cfg!(feature = "cuda") {
         return Err(ModelError::FeatureMissing { feature: "cuda" });
     }
-    Device::new_cuda(0).map_err(|source| ModelError::Device {
+    let device = Device::new_cuda(0).map_err(|source| ModelError::Device {
         device: "cuda",
         source,
-    })
+    })?;
+    keep_cuda_pool(&device);
+    Ok(device)
 }
+
+/// Lets the CUDA memory pool keep what is freed.
+///
+/// candle allocates with `cuMemAllocAsync` from the device's default pool, whose release
+/// threshold is 0: at every synchronisation (each loss read, the gradient clip) the pool
+/// hands its free memory back to the driver, and the next step maps gigabytes again.
+/// PyTorch's caching allocator keeps it; a threshold of `u64::MAX` does the same here.
+/// Best effort: a driver that refuses leaves candle's default.
+#[cfg(feature = "cuda")]
+fn keep_cuda_pool(device: &Device) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Device::Cuda(cuda) = device else { return };
+    let cu_device = cuda.cuda_stream().context().cu_device();
+    // SAFETY: `cu_device` belongs to the context candle just created, and the release
+    // threshold attribute takes a pointer to a u64, as given.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(cu_device) {
+            let mut threshold = u64::MAX;
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_cuda_pool(_: &Device) {}
 
 fn open_metal() -> Result<Device, ModelError> {
     if !cfg!(feature = "metal") {
@@ -76,6 +107,25 @@ fn open_metal() -> Result<Device, ModelError> {
         device: "metal",
         source,
     })
+}
+
+/// Keeps freed tensor buffers in the process instead of handing each back to the OS.
+///
+/// candle allocates a fresh buffer for every op's result. glibc serves blocks above its
+/// mmap threshold (adaptive, 128 KiB to 32 MiB) with a new `mmap` and unmaps them on
+/// free, so every such buffer faults its pages in and has them zeroed again: a tenth of
+/// a CPU training step went to page faults (BENCHMARKS.md, "train (CPU)"). Raising the
+/// threshold to glibc's maximum (32 MiB) and the trim threshold to 1 GiB lets the heap
+/// reuse them. Call once at start-up, before threads are spawned; a no-op elsewhere than
+/// glibc Linux.
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc malloc's tuning parameters; called before other
+    // threads exist, it races with no allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
 
 #[cfg(test)]

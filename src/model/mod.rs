@@ -9,6 +9,8 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod frozen;
+pub mod fused;
+pub mod fused_cuda;
 pub mod generate;
 pub mod inspect;
 pub mod kv_cache;

@@ -1,10 +1,11 @@
-//! RMSNorm written with plain tensor ops so that gradients flow through it.
+//! RMSNorm that gradients flow through.
 //!
 //! candle_nn's fused `rms_norm` kernel has no backward pass and silently drops the
-//! gradient; this one follows transformers' `LlamaRMSNorm` step by step: normalise in
-//! f32 (or f64), cast back to the input dtype, then scale by the weight.
+//! gradient; this one follows transformers' `LlamaRMSNorm` step by step (normalise in
+//! f32 or f64, cast back to the input dtype, then scale by the weight) as a
+//! [`super::fused::rms_norm`] op, whose backward keeps only the input.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 
 use super::error::ModelError;
 use super::weights::Weights;
@@ -41,13 +42,7 @@ pub fn internal_dtype(dtype: DType) -> DType {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(internal_dtype(dtype))?;
-        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (variance + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
+        super::fused::rms_norm(x, &self.weight, self.eps)
     }
 }
 

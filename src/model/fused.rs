@@ -1,0 +1,828 @@
+//! Differentiable attention, rotary embedding, RMSNorm and cross-entropy whose backward
+//! is written out here, so that the graph keeps only their inputs.
+//!
+//! candle's fused kernels (`softmax_last_dim`, `rotary_emb::rope`) are fast but have no
+//! backward pass: a graph through them silently loses its gradient. Composing the same
+//! math from small differentiable ops works, but the graph then keeps every intermediate
+//! for the backward pass: for attention that is several `[batch, heads, seq, seq]` tensors
+//! a layer, which is what exhausted GPU memory at `8 × 1024`.
+//!
+//! Here the forward runs on detached inputs, and its result is attached to the graph by a
+//! custom op that records only the inputs. The backward recomputes what it needs from them
+//! (the attention probabilities, as FlashAttention does) and returns the input gradients.
+//! Each op is checked against the composed formulation, value and gradient, in the tests
+//! below, and `tests/model_gradients.rs` checks the whole model against finite differences.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
+
+use super::norm::internal_dtype;
+
+/// The backward of a one-input op: the gradient for `x` given the output's gradient.
+trait Backward1: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// The backward of a three-input op.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+trait Backward3: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, grad: &Tensor) -> Result<Grads3>;
+}
+
+/// A custom op whose forward hands back a result computed beforehand, so that candle
+/// records it against the op's inputs with `B` as its backward.
+struct Attached<B> {
+    out: Mutex<Option<Tensor>>,
+    backward: B,
+}
+
+impl<B> Attached<B> {
+    fn new(out: Tensor, backward: B) -> Result<Self> {
+        // The forward copies the whole storage: make it exactly `out`'s elements.
+        let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
+            out
+        } else {
+            out.force_contiguous()?
+        };
+        Ok(Self {
+            out: Mutex::new(Some(out)),
+            backward,
+        })
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let mut slot = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused op: poisoned lock".into()))?;
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg("fused op: forward ran twice".into()))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("fused op: result and inputs on different devices"),
+        }
+    }
+
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("fused op: result and inputs on different devices"),
+        }
+    }
+
+    fn metal(&self) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
+            _ => candle_core::bail!("fused op: result and inputs on different devices"),
+        }
+    }
+}
+
+impl<B: Backward1> CustomOp1 for Attached<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.metal()
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.backward.bwd(&x.detach(), &grad.detach())
+    }
+}
+
+impl<B: Backward3> CustomOp3 for Attached<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.metal()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        self.backward
+            .bwd(&a.detach(), &b.detach(), &c.detach(), &grad.detach())
+    }
+}
+
+/// `out` (computed from `x` detached) as a function of `x` whose backward is `backward`.
+fn attach1<B: Backward1>(x: &Tensor, out: Tensor, backward: B) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(out);
+    }
+    x.apply_op1(Attached::new(out, backward)?)
+}
+
+/// `out` as a function of `a`, `b`, `c` whose backward is `backward`.
+fn attach3<B: Backward3>(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    out: Tensor,
+    backward: B,
+) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(out);
+    }
+    a.apply_op3(b, c, Attached::new(out, backward)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+/// Scaled dot-product attention of queries `q` `[b, heads, s, hd]` over keys and values
+/// `k`, `v` `[b, kv_heads, t, hd]` (grouped-query: query head `i` reads kv head
+/// `i / (heads / kv_heads)`), with an additive `bias` broadcastable to `[b, 1, s, t]` in
+/// the softmax dtype. Scores and softmax run in f32 for half types (f64 for f64), as
+/// transformers does. Returns `[b, heads, s, hd]`. The backward keeps only `q`, `k`, `v`
+/// and recomputes the probabilities; `bias` gets no gradient.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let op = AttentionBackward {
+        bias: bias.map(Tensor::detach),
+    };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let (b, nh, s, hd) = qd.dims4()?;
+    let probs = match op.kernel_bias(&qd) {
+        Some(bias) => {
+            let scores = op.raw_scores(&qd, &kd)?;
+            super::fused_cuda::softmax_forward(&scores, bias, nh, scale(hd))?
+        }
+        None => op.probs(&qd, &kd)?.to_dtype(qd.dtype())?,
+    };
+    let out = probs.matmul(&vd.contiguous()?)?.reshape((b, nh, s, hd))?;
+    attach3(q, k, v, out, op)
+}
+
+/// The softmax scale of heads of `head_dim`.
+fn scale(head_dim: usize) -> f64 {
+    1.0 / (head_dim as f64).sqrt()
+}
+
+struct AttentionBackward {
+    bias: Option<Tensor>,
+}
+
+impl AttentionBackward {
+    /// The bias, when the CUDA softmax kernels serve this call (`super::fused_cuda`).
+    fn kernel_bias(&self, q: &Tensor) -> Option<&Tensor> {
+        let bias = self.bias.as_ref()?;
+        super::fused_cuda::usable(q.device(), q.dtype(), Some(bias)).then_some(bias)
+    }
+
+    /// `q k^T` `[b, kv_heads, groups * s, t]` in the input dtype, unscaled: query head
+    /// i reads kv head i / groups, so each group is folded into the row axis.
+    fn raw_scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let nkv = k.dim(1)?;
+        if nkv == 0 || nh % nkv != 0 {
+            candle_core::bail!("attention: {nh} query heads do not group over {nkv} kv heads")
+        }
+        let q = q.contiguous()?.reshape((b, nkv, (nh / nkv) * s, hd))?;
+        q.matmul(&k.contiguous()?.t()?)
+    }
+
+    /// The attention probabilities `[b, kv_heads, groups * s, t]` in the softmax dtype.
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let (_, nkv, t, _) = k.dims4()?;
+        let groups = nh / nkv.max(1);
+        let scores = (self.raw_scores(q, k)? * scale(hd))?;
+        let scores = scores
+            .to_dtype(internal_dtype(scores.dtype()))?
+            .reshape((b, nkv, groups, s, t))?;
+        let scores = match &self.bias {
+            Some(bias) => scores.broadcast_add(&bias.unsqueeze(2)?)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, groups * s, t))
+    }
+}
+
+impl Backward3 for AttentionBackward {
+    const NAME: &'static str = "taper-attention";
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let (_, nkv, t, _) = k.dims4()?;
+        let groups = nh / nkv;
+        let dtype = q.dtype();
+        let scale = scale(hd);
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let q = q.contiguous()?;
+        let qf = q.reshape((b, nkv, groups * s, hd))?;
+        let grad = grad.contiguous()?.reshape((b, nkv, groups * s, hd))?;
+        // out = P v, so dP = dO v^T.
+        let dp = grad.matmul(&v.t()?)?;
+        let (probs, ds) = match self.kernel_bias(&q) {
+            Some(bias) => {
+                let scores = self.raw_scores(&q, &k)?;
+                super::fused_cuda::softmax_backward(&scores, bias, &dp, nh, scale)?
+            }
+            None => {
+                let probs = self.probs(&q, &k)?;
+                let dp = dp.to_dtype(probs.dtype())?;
+                // softmax: dS = P * (dP - sum(P * dP))
+                let rows = (&probs * &dp)?.sum_keepdim(D::Minus1)?;
+                let ds = (&probs * dp.broadcast_sub(&rows)?)?;
+                // scores = (q k^T * scale) cast to the softmax dtype
+                (probs.to_dtype(dtype)?, (ds.to_dtype(dtype)? * scale)?)
+            }
+        };
+        let dv = probs.t()?.matmul(&grad)?;
+        let dq = ds.matmul(&k)?.reshape((b, nh, s, hd))?;
+        let dk = ds.t()?.matmul(&qf)?;
+        debug_assert_eq!(dk.dims4()?, (b, nkv, t, hd));
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary embedding
+
+/// Rotary position embedding of `x` `[b, heads, s, hd]` with `cos`/`sin` tables
+/// `[s, hd / 2]` (non-interleaved halves, as transformers' Llama and Qwen2), on candle's
+/// fused kernel. The rotation's transpose is the rotation by `-angle`, so the backward is
+/// the same kernel with `-sin`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    attach1(
+        x,
+        out,
+        RopeBackward {
+            cos: cos.detach(),
+            neg_sin: sin.neg()?.detach(),
+        },
+    )
+}
+
+struct RopeBackward {
+    cos: Tensor,
+    neg_sin: Tensor,
+}
+
+impl Backward1 for RopeBackward {
+    const NAME: &'static str = "taper-rope";
+
+    fn bwd(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        candle_nn::rotary_emb::rope(&grad.contiguous()?, &self.cos, &self.neg_sin).map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `(x / sqrt(mean(x^2) + eps))` in f32 (f64 for f64), cast back to `x`'s dtype, times
+/// `weight`: transformers' `LlamaRMSNorm` step by step. The weight is frozen (no
+/// gradient); the backward keeps only `x` and recomputes the inverse root.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let out = if super::fused_cuda::usable_norm(x, weight) {
+        super::fused_cuda::rms_forward(&x.detach().contiguous()?, weight, eps)?
+    } else {
+        let x32 = x.detach().to_dtype(internal_dtype(dtype))?;
+        let inv = rms_inverse(&x32, eps)?;
+        x32.broadcast_mul(&inv)?
+            .to_dtype(dtype)?
+            .broadcast_mul(weight)?
+    };
+    attach1(
+        x,
+        out,
+        RmsNormBackward {
+            weight: weight.detach(),
+            eps,
+        },
+    )
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` over the last dimension, keeping it.
+fn rms_inverse(x: &Tensor, eps: f64) -> Result<Tensor> {
+    (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()
+}
+
+struct RmsNormBackward {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Backward1 for RmsNormBackward {
+    const NAME: &'static str = "taper-rms-norm";
+
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if super::fused_cuda::usable_norm(x, &self.weight) {
+            let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+            return super::fused_cuda::rms_backward(&x, &self.weight, &grad, self.eps).map(Some);
+        }
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(internal_dtype(dtype))?;
+        let inv = rms_inverse(&x32, self.eps)?;
+        let normed = x32.broadcast_mul(&inv)?;
+        // d(normed) = grad * weight, cast to the norm's dtype.
+        let g = grad.broadcast_mul(&self.weight)?.to_dtype(x32.dtype())?;
+        // dx = inv * (g - normed * mean(g * normed))
+        let mean = (&g * &normed)?.mean_keepdim(D::Minus1)?;
+        let dx = g.sub(&normed.broadcast_mul(&mean)?)?.broadcast_mul(&inv)?;
+        dx.to_dtype(dtype).map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Mean cross-entropy of `logits` `[n, vocab]` (f32 or f64) against `labels` `[n]` (u32),
+/// each row weighted by `weights` `[n]` (same dtype as the logits; the mean divides by
+/// their sum) when given. Returns a scalar. The backward is `softmax - one_hot`, scaled,
+/// without keeping the log-softmax of the whole vocabulary for it.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    let x = logits.detach();
+    let labels = labels.detach().unsqueeze(1)?;
+    // log_softmax picked at the label, with the max shift.
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&labels, 1)?.sub(&lse)?.squeeze(1)?;
+    let (loss, row_scale) = match weights {
+        None => (picked.mean_all()?.neg()?, None),
+        Some(w) => {
+            let count = w.sum_all()?;
+            let loss = (&picked * w)?.sum_all()?.neg()?.broadcast_div(&count)?;
+            (loss, Some(w.broadcast_div(&count)?.detach().unsqueeze(1)?))
+        }
+    };
+    attach1(
+        logits,
+        loss,
+        CrossEntropyBackward {
+            labels,
+            row_scale,
+            rows: n,
+        },
+    )
+}
+
+struct CrossEntropyBackward {
+    /// `[n, 1]` u32.
+    labels: Tensor,
+    /// `[n, 1]`: weight / sum of weights; `None` for `1 / n`.
+    row_scale: Option<Tensor>,
+    rows: usize,
+}
+
+impl Backward1 for CrossEntropyBackward {
+    const NAME: &'static str = "taper-cross-entropy";
+
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let probs = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
+        let minus_one = Tensor::full(-1f64, (self.rows, 1), x.device())?.to_dtype(x.dtype())?;
+        let d = probs.scatter_add(&self.labels, &minus_one, 1)?;
+        let d = match &self.row_scale {
+            Some(scale) => d.broadcast_mul(scale)?,
+            None => (d / self.rows as f64)?,
+        };
+        d.broadcast_mul(&grad.to_dtype(x.dtype())?).map(Some)
+    }
+}
+
+/// The dtype the cross-entropy runs in for logits of `dtype`.
+pub fn loss_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Deterministic values in about [-1.7, 1.7], different for each seed.
+    fn var(shape: &[usize], seed: u64) -> Var {
+        let n: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let values: Vec<f64> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 11) as f64 / (1u64 << 53) as f64 * 3.4 - 1.7
+            })
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// The composed attention the fused op replaces (all ops differentiable).
+    fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        let (b, nh, s, hd) = q.dims4().unwrap();
+        let (_, nkv, t, _) = k.dims4().unwrap();
+        let g = nh / nkv;
+        let q = q.reshape((b, nkv, g * s, hd)).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt()))
+            .unwrap()
+            .reshape((b, nkv, g, s, t))
+            .unwrap();
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(&bias.unsqueeze(2).unwrap()).unwrap(),
+            None => scores,
+        };
+        let max = scores.max_keepdim(D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        p.reshape((b, nkv, g * s, t))
+            .unwrap()
+            .matmul(v)
+            .unwrap()
+            .reshape((b, nh, s, hd))
+            .unwrap()
+    }
+
+    #[test]
+    fn attention_matches_composed_value_and_gradients() {
+        // 4 query heads over 2 kv heads, causal bias with one padded key.
+        let (q, k, v) = (
+            var(&[2, 4, 5, 8], 1),
+            var(&[2, 2, 5, 8], 2),
+            var(&[2, 2, 5, 8], 3),
+        );
+        let mask = Tensor::new(&[[1u8, 1, 1, 1, 1], [0, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+        let bias = super::super::mask::attention_bias(2, 5, Some(&mask), DType::F64, &Device::Cpu)
+            .unwrap();
+        let w = var(&[2, 4, 5, 8], 4);
+        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&bias)).unwrap();
+        let want = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&bias));
+        assert!(max_diff(&ours, &want) < 1e-12);
+        let g1 = (ours * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (want * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for x in [&q, &k, &v] {
+            let (a, b) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, b) < 1e-12,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+            assert!(
+                max_diff(a, &a.zeros_like().unwrap()) > 1e-3,
+                "gradient is zero"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_without_graph_returns_the_plain_result() {
+        let (q, k, v) = (
+            var(&[1, 2, 3, 4], 5),
+            var(&[1, 2, 3, 4], 6),
+            var(&[1, 2, 3, 4], 7),
+        );
+        let (q, k, v) = (
+            q.as_tensor().detach(),
+            k.as_tensor().detach(),
+            v.as_tensor().detach(),
+        );
+        let ours = attention(&q, &k, &v, None).unwrap();
+        assert!(!ours.track_op());
+        assert!(max_diff(&ours, &composed_attention(&q, &k, &v, None)) < 1e-12);
+    }
+
+    #[test]
+    fn rope_matches_composed_value_and_gradient() {
+        let x = var(&[2, 3, 5, 8], 8);
+        let angles = var(&[5, 4], 9).as_tensor().detach();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let ours = rope(x.as_tensor(), &cos, &sin).unwrap();
+        // x * cos + rotate_half(x) * sin with full-width tables.
+        let full = |t: &Tensor| Tensor::cat(&[t, t], 1).unwrap();
+        let x1 = x.as_tensor().narrow(3, 0, 4).unwrap();
+        let x2 = x.as_tensor().narrow(3, 4, 4).unwrap();
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+        let want = (x.as_tensor().broadcast_mul(&full(&cos)).unwrap()
+            + rotated.broadcast_mul(&full(&sin)).unwrap())
+        .unwrap();
+        assert!(max_diff(&ours, &want) < 1e-12);
+        let w = var(&[2, 3, 5, 8], 10);
+        let g1 = (ours * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (want * w.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-12);
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_value_and_gradient() {
+        let x = var(&[2, 3, 8], 12);
+        let w = var(&[8], 13).as_tensor().detach().affine(0.3, 1.0).unwrap();
+        let ours = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        let t = x.as_tensor();
+        let inv = (t.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let want = t.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
+        assert!(max_diff(&ours, &want) < 1e-12);
+        let dy = var(&[2, 3, 8], 14);
+        let g1 = (ours * dy.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (want * dy.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+        assert!(
+            max_diff(a, b) < 1e-12,
+            "gradient differs by {}",
+            max_diff(a, b)
+        );
+        assert!(g1.get(&w).is_none(), "the norm weight is frozen");
+    }
+
+    #[test]
+    fn cross_entropy_matches_composed_value_and_gradient() {
+        let logits = var(&[6, 11], 11);
+        let labels = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &Device::Cpu).unwrap();
+        let composed = |w: Option<&Tensor>| {
+            let x = logits.as_tensor();
+            let max = x.max_keepdim(1).unwrap().detach();
+            let sh = x.broadcast_sub(&max).unwrap();
+            let lp = sh
+                .broadcast_sub(&sh.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap())
+                .unwrap();
+            let picked = lp
+                .gather(&labels.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            match w {
+                None => picked.mean_all().unwrap().neg().unwrap(),
+                Some(w) => (picked * w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .neg()
+                    .unwrap()
+                    .broadcast_div(&w.sum_all().unwrap())
+                    .unwrap(),
+            }
+        };
+        let weights = Tensor::new(&[1f64, 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
+        for w in [None, Some(&weights)] {
+            let ours = cross_entropy(logits.as_tensor(), &labels, w).unwrap();
+            let want = composed(w);
+            assert!(max_diff(&ours, &want) < 1e-12);
+            let g1 = (ours * 3.0).unwrap().backward().unwrap();
+            let g2 = (want * 3.0).unwrap().backward().unwrap();
+            let (a, b) = (
+                g1.get(logits.as_tensor()).unwrap(),
+                g2.get(logits.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, b) < 1e-12,
+                "gradient differs by {}",
+                max_diff(a, b)
+            );
+        }
+    }
+
+    /// The CUDA RMSNorm kernels against the candle-op path on the CPU: value and input
+    /// gradient, f32 and bf16. Runs only in a `--features cuda` build, on a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_rms_norm_kernels_match_the_cpu() {
+        let gpu = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        let (x, w, dy) = (
+            var(&[3, 5, 300], 31),
+            var(&[300], 32),
+            var(&[3, 5, 300], 33),
+        );
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
+            let run = |dev: &Device| {
+                let x = Var::from_tensor(
+                    &x.as_tensor()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(dev)
+                        .unwrap(),
+                )
+                .unwrap();
+                let w = w
+                    .as_tensor()
+                    .detach()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                assert_eq!(
+                    super::super::fused_cuda::usable_norm(x.as_tensor(), &w),
+                    dev.is_cuda()
+                );
+                let out = rms_norm(x.as_tensor(), &w, 1e-6).unwrap();
+                let dy = dy
+                    .as_tensor()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                let grads = (&out * dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let back = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                vec![back(&out), back(grads.get(x.as_tensor()).unwrap())]
+            };
+            let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+            for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+                let (d, size) = (max_diff(a, b), max_diff(a, &a.zeros_like().unwrap()));
+                assert!(
+                    d < tol * size.max(1.0),
+                    "{dtype:?} tensor {i} (out, dx) differs by {d} (largest {size})"
+                );
+            }
+        }
+    }
+
+    /// The CUDA softmax kernels against the candle-op path on the CPU: values and all
+    /// three gradients, f32 and bf16. Runs only in a `--features cuda` build, on a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_attention_kernels_match_the_cpu() {
+        let gpu = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        let (q, k, v) = (
+            var(&[2, 8, 33, 16], 21),
+            var(&[2, 2, 33, 16], 22),
+            var(&[2, 2, 33, 16], 23),
+        );
+        let w = var(&[2, 8, 33, 16], 24).as_tensor().detach();
+        let mut mask = vec![1u8; 66];
+        mask[33] = 0;
+        mask[34] = 0;
+        let mask = Tensor::from_vec(mask, (2, 33), &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
+            let bias =
+                super::super::mask::attention_bias(2, 33, Some(&mask), DType::F32, &Device::Cpu)
+                    .unwrap();
+            let run = |dev: &Device| {
+                let on = |x: &Var| {
+                    Var::from_tensor(
+                        &x.as_tensor()
+                            .to_dtype(dtype)
+                            .unwrap()
+                            .to_device(dev)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                let (q, k, v) = (on(&q), on(&k), on(&v));
+                let bias = bias.to_device(dev).unwrap();
+                assert_eq!(
+                    super::super::fused_cuda::usable(dev, dtype, Some(&bias)),
+                    dev.is_cuda()
+                );
+                let out =
+                    attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&bias)).unwrap();
+                let w = w.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+                let grads = (&out * w).unwrap().sum_all().unwrap().backward().unwrap();
+                let back = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                let mut all = vec![back(&out)];
+                for x in [&q, &k, &v] {
+                    all.push(back(grads.get(x.as_tensor()).unwrap()));
+                }
+                all
+            };
+            let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+            for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+                let (d, size) = (max_diff(a, b), max_diff(a, &a.zeros_like().unwrap()));
+                assert!(
+                    d < tol * size.max(1.0),
+                    "{dtype:?} tensor {i} (out, dq, dk, dv) differs by {d} (largest {size})"
+                );
+            }
+        }
+    }
+}
