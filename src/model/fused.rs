@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 
 use super::norm::internal_dtype;
@@ -26,6 +26,13 @@ use super::norm::internal_dtype;
 trait Backward1: Send + Sync + 'static {
     const NAME: &'static str;
     fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// The backward of a two-input op.
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+trait Backward2: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn bwd(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads2>;
 }
 
 /// The backward of a three-input op.
@@ -123,6 +130,46 @@ impl<B: Backward1> CustomOp1 for Attached<B> {
     }
 }
 
+impl<B: Backward2> CustomOp2 for Attached<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.metal()
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        self.backward.bwd(&a.detach(), &b.detach(), &grad.detach())
+    }
+}
+
 impl<B: Backward3> CustomOp3 for Attached<B> {
     fn name(&self) -> &'static str {
         B::NAME
@@ -183,6 +230,14 @@ fn attach1<B: Backward1>(x: &Tensor, out: Tensor, backward: B) -> Result<Tensor>
         return Ok(out);
     }
     x.apply_op1(Attached::new(out, backward)?)
+}
+
+/// `out` as a function of `a`, `b` whose backward is `backward`.
+fn attach2<B: Backward2>(a: &Tensor, b: &Tensor, out: Tensor, backward: B) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op()) {
+        return Ok(out);
+    }
+    a.apply_op2(b, Attached::new(out, backward)?)
 }
 
 /// `out` as a function of `a`, `b`, `c` whose backward is `backward`.
@@ -337,6 +392,32 @@ impl Backward1 for RopeBackward {
 
     fn bwd(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         candle_nn::rotary_emb::rope(&grad.contiguous()?, &self.cos, &self.neg_sin).map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) * up`, the Llama MLP's activation. On CUDA (f32, bf16) one kernel each way
+/// (`super::fused_cuda`); elsewhere candle's ops, whose own backward is used.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !super::fused_cuda::usable_swiglu(gate, up) {
+        return gate.silu()? * up;
+    }
+    let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
+    let out = super::fused_cuda::swiglu_forward(&g, &u)?;
+    attach2(gate, up, out, SwigluBackward)
+}
+
+struct SwigluBackward;
+
+impl Backward2 for SwigluBackward {
+    const NAME: &'static str = "taper-swiglu";
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        let (g, u, grad) = (g.contiguous()?, u.contiguous()?, grad.contiguous()?);
+        let (dg, du) = super::fused_cuda::swiglu_backward(&g, &u, &grad)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
@@ -700,6 +781,65 @@ mod tests {
                 "gradient differs by {}",
                 max_diff(a, b)
             );
+        }
+    }
+
+    /// The CUDA SwiGLU kernels against candle's ops on the CPU: value and both
+    /// gradients, f32 and bf16. Runs only in a `--features cuda` build, on a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_swiglu_kernels_match_the_cpu() {
+        let gpu = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        let (g, u, dy) = (
+            var(&[3, 7, 50], 41),
+            var(&[3, 7, 50], 42),
+            var(&[3, 7, 50], 43),
+        );
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
+            let run = |dev: &Device| {
+                let on = |x: &Var| {
+                    Var::from_tensor(
+                        &x.as_tensor()
+                            .to_dtype(dtype)
+                            .unwrap()
+                            .to_device(dev)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                };
+                let (g, u) = (on(&g), on(&u));
+                assert_eq!(
+                    super::super::fused_cuda::usable_swiglu(g.as_tensor(), u.as_tensor()),
+                    dev.is_cuda()
+                );
+                let out = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+                let dy = dy
+                    .as_tensor()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                let grads = (&out * dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let back = |t: &Tensor| {
+                    t.to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                };
+                vec![
+                    back(&out),
+                    back(grads.get(g.as_tensor()).unwrap()),
+                    back(grads.get(u.as_tensor()).unwrap()),
+                ]
+            };
+            let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+            for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+                let (d, size) = (max_diff(a, b), max_diff(a, &a.zeros_like().unwrap()));
+                assert!(
+                    d < tol * size.max(1.0),
+                    "{dtype:?} tensor {i} (out, dg, du) differs by {d} (largest {size})"
+                );
+            }
         }
     }
 

@@ -9,7 +9,8 @@
 //! same arithmetic, with the same roundings, in one pass each: the forward reads the raw
 //! scores and writes the probabilities; the backward reads the raw scores and `dP` and
 //! writes the probabilities (for `dV`) and `dS`. RMSNorm gets the same treatment (nine
-//! element-wise passes forward, fourteen backward, one each here). The kernels are
+//! element-wise passes forward, fourteen backward, one each here), and so does the
+//! MLP's `silu(gate) * up` (candle's silu backward alone is several passes). The kernels are
 //! compiled with NVRTC when first used. f32 and bf16 only; other dtypes, and every other backend, take the candle-op
 //! path in [`super::fused`].
 
@@ -24,7 +25,9 @@ pub fn usable(device: &Device, dtype: DType, bias: Option<&Tensor>) -> bool {
 }
 
 #[cfg(feature = "cuda")]
-pub use imp::{rms_backward, rms_forward, softmax_backward, softmax_forward};
+pub use imp::{
+    rms_backward, rms_forward, softmax_backward, softmax_forward, swiglu_backward, swiglu_forward,
+};
 
 /// Whether the RMSNorm kernels can serve `x` with `weight`.
 pub fn usable_norm(x: &Tensor, weight: &Tensor) -> bool {
@@ -33,6 +36,29 @@ pub fn usable_norm(x: &Tensor, weight: &Tensor) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && weight.dtype() == x.dtype()
         && weight.rank() == 1
+}
+
+/// Whether the SwiGLU kernels can serve `g` and `u`.
+pub fn usable_swiglu(g: &Tensor, u: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && g.device().is_cuda()
+        && matches!(g.dtype(), DType::F32 | DType::BF16)
+        && u.dtype() == g.dtype()
+        && u.dims() == g.dims()
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn swiglu_forward(_: &Tensor, _: &Tensor) -> candle_core::Result<Tensor> {
+    candle_core::bail!("the swiglu kernel needs a build with --features cuda")
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn swiglu_backward(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    candle_core::bail!("the swiglu kernel needs a build with --features cuda")
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -211,6 +237,43 @@ __device__ void rms_backward(const T* x, const T* w, const T* dy, T* dx, int h, 
         float g = round_to(xr, load(dyr, j) * load(w, j));
         store(dxr, j, (g - load(xr, j) * inv * mean) * inv);
     }
+}
+
+// SwiGLU: y = round_T(round_T(silu(g)) * u); the backward gives dg and du.
+template <typename T>
+__device__ void swiglu_forward(const T* g, const T* u, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gv = load(g, i);
+        float a = round_to(g, gv / (1.0f + expf(-gv)));
+        store(y, i, a * load(u, i));
+    }
+}
+
+template <typename T>
+__device__ void swiglu_backward(const T* g, const T* u, const T* dy, T* dg, T* du, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gv = load(g, i), dyv = load(dy, i);
+        float sg = 1.0f / (1.0f + expf(-gv));
+        float a = round_to(g, gv * sg);
+        store(du, i, dyv * a);
+        float da = round_to(g, dyv * load(u, i));
+        store(dg, i, da * (sg * (1.0f + gv * (1.0f - sg))));
+    }
+}
+
+extern "C" __global__ void taper_swiglu_fwd_f32(const float* g, const float* u, float* y, long n) {
+    swiglu_forward(g, u, y, n);
+}
+extern "C" __global__ void taper_swiglu_fwd_bf16(const bf16* g, const bf16* u, bf16* y, long n) {
+    swiglu_forward(g, u, y, n);
+}
+extern "C" __global__ void taper_swiglu_bwd_f32(const float* g, const float* u, const float* dy,
+        float* dg, float* du, long n) {
+    swiglu_backward(g, u, dy, dg, du, n);
+}
+extern "C" __global__ void taper_swiglu_bwd_bf16(const bf16* g, const bf16* u, const bf16* dy,
+        bf16* dg, bf16* du, long n) {
+    swiglu_backward(g, u, dy, dg, du, n);
 }
 
 extern "C" __global__ void taper_rms_fwd_f32(const float* x, const float* w, float* y, int h, float eps) {
@@ -651,5 +714,139 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
             backward: true,
         };
         x.apply_op3_no_bwd(w, dy, &op)
+    }
+
+    /// SwiGLU over equal-shaped contiguous `g`, `u` (and `dy` for the backward).
+    struct Swiglu {
+        backward: bool,
+    }
+
+    impl Swiglu {
+        fn run<T: CudaDType + DeviceRepr>(
+            &self,
+            suffix: &str,
+            inputs: &[(&CudaStorage, &Layout)],
+        ) -> Result<CudaStorage> {
+            let (g, gl) = inputs[0];
+            if inputs.iter().any(|(_, l)| l.dims() != gl.dims()) {
+                candle_core::bail!("swiglu: inputs of different shapes")
+            }
+            let n = gl.shape().elem_count();
+            let dev: &CudaDevice = &g.device;
+            let kind = if self.backward { "bwd" } else { "fwd" };
+            let func = dev.get_or_load_custom_func(
+                &format!("taper_swiglu_{kind}_{suffix}"),
+                MODULE,
+                ptx()?,
+            )?;
+            let views = inputs
+                .iter()
+                .map(|(s, l)| view::<T>(s, l))
+                .collect::<Result<Vec<_>>>()?;
+            let outputs = if self.backward { 2 } else { 1 };
+            // SAFETY: every element is written by the kernel.
+            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(outputs * n)? };
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let len = n as i64;
+            {
+                let mut b = func.builder();
+                for v in &views {
+                    b.arg(v);
+                }
+                let (mut first, mut second) = out.split_at_mut(n);
+                b.arg(&mut first);
+                if self.backward {
+                    b.arg(&mut second);
+                }
+                b.arg(&len);
+                // SAFETY: argument types and counts match the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        fn dispatch(&self, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+            use candle_core::backend::BackendStorage;
+            let (g, gl) = inputs[0];
+            let out = match g.dtype() {
+                DType::F32 => self.run::<f32>("f32", inputs)?,
+                DType::BF16 => self.run::<half::bf16>("bf16", inputs)?,
+                d => candle_core::bail!("swiglu: no kernel for {d:?}"),
+            };
+            let mut dims = if self.backward { vec![2] } else { vec![] };
+            dims.extend_from_slice(gl.dims());
+            Ok((out, Shape::from(dims)))
+        }
+    }
+
+    impl CustomOp2 for Swiglu {
+        fn name(&self) -> &'static str {
+            "taper-swiglu"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the swiglu kernel runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            g: &CudaStorage,
+            gl: &Layout,
+            u: &CudaStorage,
+            ul: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.dispatch(&[(g, gl), (u, ul)])
+        }
+    }
+
+    impl CustomOp3 for Swiglu {
+        fn name(&self) -> &'static str {
+            "taper-swiglu-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the swiglu kernel runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            g: &CudaStorage,
+            gl: &Layout,
+            u: &CudaStorage,
+            ul: &Layout,
+            dy: &CudaStorage,
+            dl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.dispatch(&[(g, gl), (u, ul), (dy, dl)])
+        }
+    }
+
+    /// `silu(g) * u` of contiguous, equal-shaped `g` and `u`.
+    pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        g.apply_op2_no_bwd(u, &Swiglu { backward: false })
+    }
+
+    /// `(dg, du)` of [`swiglu_forward`] given the output's gradient `dy`.
+    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let both = g.apply_op3_no_bwd(u, dy, &Swiglu { backward: true })?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 }

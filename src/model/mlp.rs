@@ -37,8 +37,9 @@ impl Mlp {
 
 impl ModuleT for Mlp {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward_t(x, train)?.silu()?;
+        let gate = self.gate_proj.forward_t(x, train)?;
         let up = self.up_proj.forward_t(x, train)?;
-        self.down_proj.forward_t(&(gate * up)?, train)
+        self.down_proj
+            .forward_t(&super::fused::swiglu(&gate, &up)?, train)
     }
 }
