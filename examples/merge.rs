@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use taper::formats::{merge, Rounding, DEFAULT_SHARD_SIZE};
 
 fn main() -> ExitCode {
+    // As the taper binary does (the merge stage runs in it).
+    taper::model::device::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
         eprintln!("usage: merge BASE ADAPTER OUT [peft|mlx] [SHARD_BYTES]");

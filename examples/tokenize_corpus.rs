@@ -15,6 +15,8 @@ use std::time::Instant;
 use taper::stages::tokenize::{self, TokenizeConfig};
 
 fn main() -> anyhow::Result<()> {
+    // As the taper binary does (the tokenize stage runs in it).
+    taper::model::device::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [config, workspace, out, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: tokenize_corpus WITH.yaml WORKSPACE OUT_DIR [THREADS]");
