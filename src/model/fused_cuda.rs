@@ -97,7 +97,8 @@ mod imp {
     use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{
-        CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+        CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+        Tensor,
     };
 
     const SOURCE: &str = r#"
@@ -309,7 +310,7 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
 }
 "#;
 
-    const MODULE: &str = "taper_attention_softmax";
+    const MODULE: &str = "taper_fused";
 
     /// The PTX, compiled once per process.
     fn ptx() -> Result<&'static str> {
@@ -317,221 +318,273 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
         PTX.get_or_init(|| {
             nvrtc::compile_ptx(SOURCE)
                 .map(|p| p.to_src())
-                .map_err(|e| format!("compiling the attention softmax kernel: {e:?}"))
+                .map_err(|e| format!("compiling taper's CUDA kernels: {e:?}"))
         })
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
-    /// Rows, row length, queries and the bias batch stride, checked.
-    struct Geometry {
-        rows: usize,
-        t: usize,
-        s: usize,
-        heads: usize,
-        bias_stride: i64,
+    /// One launch of one of the kernels above. Inputs arrive in the kernel's argument
+    /// order; the result is one tensor the shape of the first input, or two stacked
+    /// (`[2, ..]`) for the backward kernels that return two.
+    #[derive(Clone, Copy)]
+    enum Kernel {
+        /// `(scores, bias)` -> probabilities.
+        AttnForward { heads: usize, scale: f32 },
+        /// `(scores, bias, dP)` -> `[P, dS]`.
+        AttnBackward { heads: usize, scale: f32 },
+        /// `(x, w)` -> y, or `(x, w, dy)` -> dx.
+        Rms { eps: f32, backward: bool },
+        /// `(g, u)` -> y, or `(g, u, dy)` -> `[dg, du]`.
+        Swiglu { backward: bool },
     }
 
-    fn geometry(x: &Layout, bias: &Layout, heads: usize) -> Result<Geometry> {
-        let (b, rows_per_batch, t) = match x.dims() {
-            [b, h, q, t] => (*b, h * q, *t),
-            d => candle_core::bail!("attention softmax: scores of shape {d:?}"),
-        };
-        let (bb, one, s, bt) = match bias.dims() {
-            [bb, one, s, bt] => (*bb, *one, *s, *bt),
-            d => candle_core::bail!("attention softmax: bias of shape {d:?}"),
-        };
-        if one != 1 || bt != t || s == 0 || rows_per_batch != heads * s || !(bb == 1 || bb == b) {
-            candle_core::bail!(
-                "attention softmax: scores {:?} do not match bias {:?} with {heads} heads",
-                x.dims(),
-                bias.dims()
+    /// The scalar arguments after the pointers, in the kernel's order.
+    enum Scalars {
+        Attn([i32; 3], i64, f32),
+        Rms(i32, f32),
+        Swiglu(i64),
+    }
+
+    impl Kernel {
+        fn name(self, suffix: &str) -> String {
+            let (op, backward) = match self {
+                Self::AttnForward { .. } => ("attn", false),
+                Self::AttnBackward { .. } => ("attn", true),
+                Self::Rms { backward, .. } => ("rms", backward),
+                Self::Swiglu { backward } => ("swiglu", backward),
+            };
+            format!(
+                "taper_{op}_{}_{suffix}",
+                if backward { "bwd" } else { "fwd" }
             )
         }
-        if x.contiguous_offsets().is_none() || bias.contiguous_offsets().is_none() {
-            candle_core::bail!("attention softmax: inputs must be contiguous")
-        }
-        Ok(Geometry {
-            rows: b * rows_per_batch,
-            t,
-            s,
-            heads,
-            bias_stride: if bb == 1 { 0 } else { (s * t) as i64 },
-        })
-    }
 
-    fn launch_config(g: &Geometry) -> LaunchConfig {
-        let threads = g.t.next_power_of_two().clamp(32, 256) as u32;
-        LaunchConfig {
-            grid_dim: (g.rows as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    fn view<'a, T: CudaDType + DeviceRepr>(
-        s: &'a CudaStorage,
-        l: &Layout,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        let (o1, o2) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("attention softmax: not contiguous".into()))?;
-        Ok(s.as_cuda_slice::<T>()?.slice(o1..o2))
-    }
-
-    struct Forward {
-        heads: usize,
-        scale: f32,
-    }
-
-    impl Forward {
-        fn run<T: CudaDType + DeviceRepr>(
-            &self,
-            name: &str,
-            x: &CudaStorage,
-            xl: &Layout,
-            bias: &CudaStorage,
-            bl: &Layout,
-        ) -> Result<CudaStorage> {
-            let g = geometry(xl, bl, self.heads)?;
-            let dev: &CudaDevice = &x.device;
-            let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-            let (xv, bv) = (view::<T>(x, xl)?, view::<f32>(bias, bl)?);
-            // SAFETY: every element is written by the kernel.
-            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(g.rows * g.t)? };
-            let (t, s, h) = (g.t as i32, g.s as i32, g.heads as i32);
-            let mut b = func.builder();
-            b.arg(&xv).arg(&bv).arg(&mut out).arg(&t).arg(&s).arg(&h);
-            b.arg(&g.bias_stride).arg(&self.scale);
-            // SAFETY: argument types and counts match the kernel's signature.
-            unsafe { b.launch(launch_config(&g)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        }
-    }
-
-    impl CustomOp2 for Forward {
-        fn name(&self) -> &'static str {
-            "taper-attention-softmax"
+        fn outputs(self) -> usize {
+            match self {
+                Self::AttnBackward { .. } | Self::Swiglu { backward: true } => 2,
+                _ => 1,
+            }
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the attention softmax kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            bias: &CudaStorage,
-            bl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            use candle_core::backend::BackendStorage;
-            let out = match x.dtype() {
-                DType::F32 => self.run::<f32>("taper_attn_fwd_f32", x, xl, bias, bl)?,
-                DType::BF16 => self.run::<half::bf16>("taper_attn_fwd_bf16", x, xl, bias, bl)?,
-                d => candle_core::bail!("attention softmax: no kernel for {d:?}"),
+        /// Checks the layouts; returns the launch shape and the scalar arguments.
+        fn plan(self, layouts: &[&Layout]) -> Result<(LaunchConfig, Scalars)> {
+            let x = layouts[0];
+            if layouts.iter().any(|l| l.contiguous_offsets().is_none()) {
+                candle_core::bail!("fused kernel: inputs must be contiguous")
+            }
+            let last = *x.dims().last().unwrap_or(&0);
+            let rows_of = |width: usize, n: usize| LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (width.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+                shared_mem_bytes: 0,
             };
-            Ok((out, xl.shape().clone()))
-        }
-    }
-
-    struct Backward {
-        heads: usize,
-        scale: f32,
-    }
-
-    impl Backward {
-        #[allow(clippy::too_many_arguments)]
-        fn run<T: CudaDType + DeviceRepr>(
-            &self,
-            name: &str,
-            x: &CudaStorage,
-            xl: &Layout,
-            bias: &CudaStorage,
-            bl: &Layout,
-            dp: &CudaStorage,
-            dl: &Layout,
-        ) -> Result<CudaStorage> {
-            let g = geometry(xl, bl, self.heads)?;
-            if dl.dims() != xl.dims() {
-                candle_core::bail!(
-                    "attention softmax: dP {:?} vs scores {:?}",
-                    dl.dims(),
-                    xl.dims()
-                )
-            }
-            let dev: &CudaDevice = &x.device;
-            let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
-            let (xv, bv, dv) = (
-                view::<T>(x, xl)?,
-                view::<f32>(bias, bl)?,
-                view::<T>(dp, dl)?,
-            );
-            let n = g.rows * g.t;
-            // SAFETY: every element is written by the kernel: P in the first half, dS in
-            // the second.
-            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(2 * n)? };
-            {
-                let (mut p, mut ds) = out.split_at_mut(n);
-                let (t, s, h) = (g.t as i32, g.s as i32, g.heads as i32);
-                let mut b = func.builder();
-                b.arg(&xv).arg(&bv).arg(&dv).arg(&mut p).arg(&mut ds);
-                b.arg(&t)
-                    .arg(&s)
-                    .arg(&h)
-                    .arg(&g.bias_stride)
-                    .arg(&self.scale);
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(launch_config(&g)) }.w()?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        }
-    }
-
-    impl CustomOp3 for Backward {
-        fn name(&self) -> &'static str {
-            "taper-attention-softmax-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the attention softmax kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            bias: &CudaStorage,
-            bl: &Layout,
-            dp: &CudaStorage,
-            dl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            use candle_core::backend::BackendStorage;
-            let out = match x.dtype() {
-                DType::F32 => self.run::<f32>("taper_attn_bwd_f32", x, xl, bias, bl, dp, dl)?,
-                DType::BF16 => {
-                    self.run::<half::bf16>("taper_attn_bwd_bf16", x, xl, bias, bl, dp, dl)?
+            match self {
+                Self::AttnForward { heads, scale } | Self::AttnBackward { heads, scale } => {
+                    let (b, rows_per_batch, t) = match x.dims() {
+                        [b, h, q, t] => (*b, h * q, *t),
+                        d => candle_core::bail!("attention softmax: scores of shape {d:?}"),
+                    };
+                    let (bb, one, s, bt) = match layouts[1].dims() {
+                        [bb, one, s, bt] => (*bb, *one, *s, *bt),
+                        d => candle_core::bail!("attention softmax: bias of shape {d:?}"),
+                    };
+                    let fits = one == 1 && bt == t && s > 0 && rows_per_batch == heads * s;
+                    if !fits
+                        || !(bb == 1 || bb == b)
+                        || layouts[2..].iter().any(|l| l.dims() != x.dims())
+                    {
+                        candle_core::bail!(
+                            "attention softmax: scores {:?} do not match bias {:?} with {heads} heads",
+                            x.dims(),
+                            layouts[1].dims()
+                        )
+                    }
+                    let stride = if bb == 1 { 0 } else { (s * t) as i64 };
+                    let scalars = Scalars::Attn([t as i32, s as i32, heads as i32], stride, scale);
+                    Ok((rows_of(t, b * rows_per_batch), scalars))
                 }
-                d => candle_core::bail!("attention softmax: no kernel for {d:?}"),
+                Self::Rms { eps, .. } => {
+                    if layouts[1].dims() != [last]
+                        || last == 0
+                        || layouts[2..].iter().any(|l| l.dims() != x.dims())
+                    {
+                        candle_core::bail!(
+                            "rms norm: weight {:?} for input {:?}",
+                            layouts[1].dims(),
+                            x.dims()
+                        )
+                    }
+                    let rows = x.shape().elem_count() / last;
+                    Ok((rows_of(last, rows), Scalars::Rms(last as i32, eps)))
+                }
+                Self::Swiglu { .. } => {
+                    if layouts.iter().any(|l| l.dims() != x.dims()) {
+                        candle_core::bail!("swiglu: inputs of different shapes")
+                    }
+                    let n = x.shape().elem_count();
+                    let cfg = LaunchConfig {
+                        grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    Ok((cfg, Scalars::Swiglu(n as i64)))
+                }
+            }
+        }
+
+        /// Whether input `i` is f32 whatever the element type (the attention bias).
+        fn is_f32_input(self, i: usize) -> bool {
+            matches!(self, Self::AttnForward { .. } | Self::AttnBackward { .. }) && i == 1
+        }
+
+        fn run<T: CudaDType + DeviceRepr>(
+            self,
+            suffix: &str,
+            inputs: &[(&CudaStorage, &Layout)],
+        ) -> Result<CudaStorage> {
+            let layouts: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
+            let (cfg, scalars) = self.plan(&layouts)?;
+            let dev: &CudaDevice = &inputs[0].0.device;
+            let func = dev.get_or_load_custom_func(&self.name(suffix), MODULE, ptx()?)?;
+            let mut typed = Vec::new();
+            let mut floats = Vec::new();
+            for (i, (s, l)) in inputs.iter().enumerate() {
+                let (o1, o2) = l.contiguous_offsets().unwrap_or((0, 0));
+                if self.is_f32_input(i) {
+                    floats.push(s.as_cuda_slice::<f32>()?.slice(o1..o2));
+                } else {
+                    typed.push(s.as_cuda_slice::<T>()?.slice(o1..o2));
+                }
+            }
+            let n = layouts[0].shape().elem_count();
+            // SAFETY: the kernel writes every element of every output.
+            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(self.outputs() * n)? };
+            {
+                let mut b = func.builder();
+                let (mut t, mut f) = (typed.iter(), floats.iter());
+                for i in 0..inputs.len() {
+                    let view = if self.is_f32_input(i) { None } else { t.next() };
+                    match view {
+                        Some(v) => b.arg(v),
+                        None => b.arg(f.next().ok_or_else(|| {
+                            candle_core::Error::Msg("fused kernel: inputs".into())
+                        })?),
+                    };
+                }
+                let (mut first, mut second) = out.split_at_mut(n);
+                b.arg(&mut first);
+                if self.outputs() == 2 {
+                    b.arg(&mut second);
+                }
+                match &scalars {
+                    Scalars::Attn(ints, stride, scale) => b
+                        .arg(&ints[0])
+                        .arg(&ints[1])
+                        .arg(&ints[2])
+                        .arg(stride)
+                        .arg(scale),
+                    Scalars::Rms(h, eps) => b.arg(h).arg(eps),
+                    Scalars::Swiglu(len) => b.arg(len),
+                };
+                // SAFETY: argument types and counts match the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        fn dispatch(self, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+            use candle_core::backend::BackendStorage;
+            let out = match inputs[0].0.dtype() {
+                DType::F32 => self.run::<f32>("f32", inputs)?,
+                DType::BF16 => self.run::<half::bf16>("bf16", inputs)?,
+                d => candle_core::bail!("taper's CUDA kernels: no kernel for {d:?}"),
             };
-            let mut dims = vec![2];
-            dims.extend_from_slice(xl.dims());
+            let mut dims = if self.outputs() == 2 { vec![2] } else { vec![] };
+            dims.extend_from_slice(inputs[0].1.dims());
             Ok((out, Shape::from(dims)))
         }
+
+        fn apply2(self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+            a.apply_op2_no_bwd(b, &self)
+        }
+
+        /// Three inputs; a two-output kernel's results come back split.
+        fn apply3(self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Vec<Tensor>> {
+            let out = a.apply_op3_no_bwd(b, c, &self)?;
+            match self.outputs() {
+                2 => Ok(vec![out.get(0)?, out.get(1)?]),
+                _ => Ok(vec![out]),
+            }
+        }
+    }
+
+    impl CustomOp2 for Kernel {
+        fn name(&self) -> &'static str {
+            "taper-cuda-kernel"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("taper's fused kernels run on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            a: &CudaStorage,
+            al: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.dispatch(&[(a, al), (b, bl)])
+        }
+    }
+
+    impl CustomOp3 for Kernel {
+        fn name(&self) -> &'static str {
+            "taper-cuda-kernel"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("taper's fused kernels run on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            a: &CudaStorage,
+            al: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+            c: &CudaStorage,
+            cl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.dispatch(&[(a, al), (b, bl), (c, cl)])
+        }
+    }
+
+    fn two(mut v: Vec<Tensor>) -> Result<(Tensor, Tensor)> {
+        match (v.pop(), v.pop()) {
+            (Some(second), Some(first)) => Ok((first, second)),
+            _ => candle_core::bail!("fused kernel: expected two results"),
+        }
+    }
+
+    fn one(mut v: Vec<Tensor>) -> Result<Tensor> {
+        v.pop()
+            .ok_or_else(|| candle_core::Error::Msg("fused kernel: no result".into()))
     }
 
     /// `softmax(round(scores * scale) + bias)` over the last dimension, in the scores'
@@ -542,13 +595,8 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
         heads: usize,
         scale: f64,
     ) -> Result<Tensor> {
-        scores.apply_op2_no_bwd(
-            bias,
-            &Forward {
-                heads,
-                scale: scale as f32,
-            },
-        )
+        let scale = scale as f32;
+        Kernel::AttnForward { heads, scale }.apply2(scores, bias)
     }
 
     /// The probabilities again and `dS` (scaled), from the raw scores and `dP`.
@@ -559,294 +607,37 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
         heads: usize,
         scale: f64,
     ) -> Result<(Tensor, Tensor)> {
-        let both = scores.apply_op3_no_bwd(
-            bias,
-            dp,
-            &Backward {
-                heads,
-                scale: scale as f32,
-            },
-        )?;
-        Ok((both.get(0)?, both.get(1)?))
+        let scale = scale as f32;
+        two(Kernel::AttnBackward { heads, scale }.apply3(scores, bias, dp)?)
     }
 
-    /// RMSNorm rows: `x` `[.., h]`, `w` `[h]`, and for the backward `dy` like `x`.
-    struct Rms {
-        eps: f32,
-        backward: bool,
-    }
-
-    impl Rms {
-        fn run<T: CudaDType + DeviceRepr>(
-            &self,
-            suffix: &str,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-            dy: Option<(&CudaStorage, &Layout)>,
-        ) -> Result<CudaStorage> {
-            let h = *xl.dims().last().unwrap_or(&0);
-            if wl.dims() != [h] || h == 0 {
-                candle_core::bail!("rms norm: weight {:?} for rows of {h}", wl.dims())
-            }
-            let rows = xl.shape().elem_count() / h;
-            let dev: &CudaDevice = &x.device;
-            let kind = if self.backward { "bwd" } else { "fwd" };
-            let func =
-                dev.get_or_load_custom_func(&format!("taper_rms_{kind}_{suffix}"), MODULE, ptx()?)?;
-            let (xv, wv) = (view::<T>(x, xl)?, view::<T>(w, wl)?);
-            // SAFETY: every element is written by the kernel.
-            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * h)? };
-            let hi = h as i32;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (h.next_power_of_two().clamp(32, 256) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = func.builder();
-            b.arg(&xv).arg(&wv);
-            let dyv;
-            if let Some((dy, dl)) = dy {
-                if dl.dims() != xl.dims() {
-                    candle_core::bail!(
-                        "rms norm: gradient {:?} for input {:?}",
-                        dl.dims(),
-                        xl.dims()
-                    )
-                }
-                dyv = view::<T>(dy, dl)?;
-                b.arg(&dyv);
-            }
-            b.arg(&mut out).arg(&hi).arg(&self.eps);
-            // SAFETY: argument types and counts match the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        }
-
-        fn dispatch(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-            dy: Option<(&CudaStorage, &Layout)>,
-        ) -> Result<(CudaStorage, Shape)> {
-            use candle_core::backend::BackendStorage;
-            let out = match x.dtype() {
-                DType::F32 => self.run::<f32>("f32", x, xl, w, wl, dy)?,
-                DType::BF16 => self.run::<half::bf16>("bf16", x, xl, w, wl, dy)?,
-                d => candle_core::bail!("rms norm: no kernel for {d:?}"),
-            };
-            Ok((out, xl.shape().clone()))
-        }
-    }
-
-    impl CustomOp2 for Rms {
-        fn name(&self) -> &'static str {
-            "taper-rms-norm"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the rms norm kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.dispatch(x, xl, w, wl, None)
-        }
-    }
-
-    impl CustomOp3 for Rms {
-        fn name(&self) -> &'static str {
-            "taper-rms-norm-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the rms norm kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-            dy: &CudaStorage,
-            dl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.dispatch(x, xl, w, wl, Some((dy, dl)))
-        }
-    }
-
-    /// RMSNorm of contiguous `x` with weight `w` (same dtype), as `super::super::fused::rms_norm`.
+    /// RMSNorm of contiguous `x` with weight `w` (same dtype), as `fused::rms_norm`.
     pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        let op = Rms {
-            eps: eps as f32,
+        let eps = eps as f32;
+        Kernel::Rms {
+            eps,
             backward: false,
-        };
-        x.apply_op2_no_bwd(w, &op)
+        }
+        .apply2(x, w)
     }
 
     /// The input gradient of [`rms_forward`] given the output's gradient `dy`.
     pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
-        let op = Rms {
-            eps: eps as f32,
+        let eps = eps as f32;
+        one(Kernel::Rms {
+            eps,
             backward: true,
-        };
-        x.apply_op3_no_bwd(w, dy, &op)
-    }
-
-    /// SwiGLU over equal-shaped contiguous `g`, `u` (and `dy` for the backward).
-    struct Swiglu {
-        backward: bool,
-    }
-
-    impl Swiglu {
-        fn run<T: CudaDType + DeviceRepr>(
-            &self,
-            suffix: &str,
-            inputs: &[(&CudaStorage, &Layout)],
-        ) -> Result<CudaStorage> {
-            let (g, gl) = inputs[0];
-            if inputs.iter().any(|(_, l)| l.dims() != gl.dims()) {
-                candle_core::bail!("swiglu: inputs of different shapes")
-            }
-            let n = gl.shape().elem_count();
-            let dev: &CudaDevice = &g.device;
-            let kind = if self.backward { "bwd" } else { "fwd" };
-            let func = dev.get_or_load_custom_func(
-                &format!("taper_swiglu_{kind}_{suffix}"),
-                MODULE,
-                ptx()?,
-            )?;
-            let views = inputs
-                .iter()
-                .map(|(s, l)| view::<T>(s, l))
-                .collect::<Result<Vec<_>>>()?;
-            let outputs = if self.backward { 2 } else { 1 };
-            // SAFETY: every element is written by the kernel.
-            let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(outputs * n)? };
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let len = n as i64;
-            {
-                let mut b = func.builder();
-                for v in &views {
-                    b.arg(v);
-                }
-                let (mut first, mut second) = out.split_at_mut(n);
-                b.arg(&mut first);
-                if self.backward {
-                    b.arg(&mut second);
-                }
-                b.arg(&len);
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
-
-        fn dispatch(&self, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
-            use candle_core::backend::BackendStorage;
-            let (g, gl) = inputs[0];
-            let out = match g.dtype() {
-                DType::F32 => self.run::<f32>("f32", inputs)?,
-                DType::BF16 => self.run::<half::bf16>("bf16", inputs)?,
-                d => candle_core::bail!("swiglu: no kernel for {d:?}"),
-            };
-            let mut dims = if self.backward { vec![2] } else { vec![] };
-            dims.extend_from_slice(gl.dims());
-            Ok((out, Shape::from(dims)))
-        }
-    }
-
-    impl CustomOp2 for Swiglu {
-        fn name(&self) -> &'static str {
-            "taper-swiglu"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the swiglu kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            g: &CudaStorage,
-            gl: &Layout,
-            u: &CudaStorage,
-            ul: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.dispatch(&[(g, gl), (u, ul)])
-        }
-    }
-
-    impl CustomOp3 for Swiglu {
-        fn name(&self) -> &'static str {
-            "taper-swiglu-backward"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-            _: &candle_core::CpuStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the swiglu kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            g: &CudaStorage,
-            gl: &Layout,
-            u: &CudaStorage,
-            ul: &Layout,
-            dy: &CudaStorage,
-            dl: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.dispatch(&[(g, gl), (u, ul), (dy, dl)])
-        }
+        .apply3(x, w, dy)?)
     }
 
     /// `silu(g) * u` of contiguous, equal-shaped `g` and `u`.
     pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-        g.apply_op2_no_bwd(u, &Swiglu { backward: false })
+        Kernel::Swiglu { backward: false }.apply2(g, u)
     }
 
     /// `(dg, du)` of [`swiglu_forward`] given the output's gradient `dy`.
     pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let both = g.apply_op3_no_bwd(u, dy, &Swiglu { backward: true })?;
-        Ok((both.get(0)?, both.get(1)?))
+        two(Kernel::Swiglu { backward: true }.apply3(g, u, dy)?)
     }
 }
