@@ -62,42 +62,11 @@ fn open_cuda() -> Result<Device, ModelError> {
     if !cfg!(feature = "cuda") {
         return Err(ModelError::FeatureMissing { feature: "cuda" });
     }
-    let device = Device::new_cuda(0).map_err(|source| ModelError::Device {
+    Device::new_cuda(0).map_err(|source| ModelError::Device {
         device: "cuda",
         source,
-    })?;
-    keep_cuda_pool(&device);
-    Ok(device)
+    })
 }
-
-/// Lets the CUDA memory pool keep what is freed.
-///
-/// candle allocates with `cuMemAllocAsync` from the device's default pool, whose release
-/// threshold is 0: at every synchronisation (each loss read, the gradient clip) the pool
-/// hands its free memory back to the driver, and the next step maps gigabytes again.
-/// PyTorch's caching allocator keeps it; a threshold of `u64::MAX` does the same here.
-/// Best effort: a driver that refuses leaves candle's default.
-#[cfg(feature = "cuda")]
-fn keep_cuda_pool(device: &Device) {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    let Device::Cuda(cuda) = device else { return };
-    let cu_device = cuda.cuda_stream().context().cu_device();
-    // SAFETY: `cu_device` belongs to the context candle just created, and the release
-    // threshold attribute takes a pointer to a u64, as given.
-    unsafe {
-        if let Ok(pool) = result::device::get_default_mem_pool(cu_device) {
-            let mut threshold = u64::MAX;
-            let _ = result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            );
-        }
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn keep_cuda_pool(_: &Device) {}
 
 fn open_metal() -> Result<Device, ModelError> {
     if !cfg!(feature = "metal") {
