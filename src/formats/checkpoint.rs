@@ -114,6 +114,17 @@ impl Checkpoint {
         }
     }
 
+    /// The shard that holds tensor `name`.
+    pub fn shard_of(&self, name: &str) -> Result<&SafetensorsFile, FormatError> {
+        match self.routing.get(name) {
+            Some(&i) => Ok(&self.shards[i]),
+            None => Err(FormatError::MissingTensor {
+                file: self.dir.clone(),
+                name: name.to_string(),
+            }),
+        }
+    }
+
     /// `num_hidden_layers` from `config.json`.
     pub fn num_layers(&self) -> Option<usize> {
         self.config

@@ -169,32 +169,47 @@ pub fn merge_with_progress(
         let file_name = shard_name(index, shards.len());
         let path = out.path().join(&file_name);
         let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        let mut writer = SafetensorsWriter::create(&path, shard, Some(&meta))?;
-        for spec in shard {
-            let stored = base.read(&spec.name)?;
-            let module = spec.name.strip_suffix(".weight");
-            let data = match module.and_then(|m| adapter.modules.get(m)) {
-                Some(m) => {
-                    report.merged += 1;
-                    merge_tensor(&stored, m, rounding).map_err(|e| FormatError::Safetensors {
-                        file: base.dir.clone(),
-                        message: format!("merging into `{}`: {e}", spec.name),
-                    })?
+        let writer = SafetensorsWriter::create(&path, shard, Some(&meta))?;
+        // This thread reads and merges; a second one writes, so the disk and the
+        // arithmetic overlap. The channel holds at most two tensors: memory stays near
+        // a few times the largest merged tensor (copied tensors never enter memory).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Payload)>(2);
+        let outcome = std::thread::scope(|scope| {
+            let base = &base;
+            let writing = scope.spawn(move || write_all(writer, base, rx));
+            let produced = (|| {
+                for spec in shard {
+                    let payload = match spec.name.strip_suffix(".weight") {
+                        Some(module) if adapter.modules.contains_key(module) => {
+                            report.merged += 1;
+                            let m = &adapter.modules[module];
+                            merge_one(base, spec, m, rounding)?
+                        }
+                        _ => {
+                            report.copied += 1;
+                            Payload::Copy
+                        }
+                    };
+                    report.bytes += spec.byte_len();
+                    weight_map.insert(spec.name.clone(), json!(file_name));
+                    if tx.send((spec.name.clone(), payload)).is_err() {
+                        // The writer stopped: its own error says why.
+                        return Ok(());
+                    }
+                    done += 1;
+                    if !progress(done, total) {
+                        return Err(FormatError::Cancelled);
+                    }
                 }
-                None => {
-                    report.copied += 1;
-                    stored
-                }
-            };
-            writer.write(&spec.name, &data.data)?;
-            report.bytes += data.data.len() as u64;
-            weight_map.insert(spec.name.clone(), json!(file_name));
-            done += 1;
-            if !progress(done, total) {
-                return Err(FormatError::Cancelled);
-            }
-        }
-        writer.finish()?;
+                Ok(())
+            })();
+            drop(tx);
+            let written = writing
+                .join()
+                .unwrap_or_else(|_| Err(FormatError::Usage("the merge writer panicked".into())));
+            produced.and(written)
+        });
+        outcome?;
     }
     if shards.len() > 1 {
         let index = json!({
@@ -212,6 +227,110 @@ pub fn merge_with_progress(
     }
     out.publish()?;
     Ok(report)
+}
+
+/// The bytes of one output tensor, as handed from the merging thread to the writer.
+enum Payload {
+    /// A merged f32 tensor.
+    Floats(Vec<f32>),
+    /// A merged tensor of another dtype, as stored.
+    Bytes(Vec<u8>),
+    /// An untouched tensor: copied from the base's file by the writer.
+    Copy,
+}
+
+/// Writes what arrives on `rx`, in order, then finishes the file.
+fn write_all(
+    mut writer: SafetensorsWriter,
+    base: &Checkpoint,
+    rx: std::sync::mpsc::Receiver<(String, Payload)>,
+) -> Result<(), FormatError> {
+    for (name, payload) in rx {
+        match payload {
+            Payload::Floats(v) => writer.write(&name, f32_bytes(&v))?,
+            Payload::Bytes(b) => writer.write(&name, &b)?,
+            Payload::Copy => {
+                let shard = base.shard_of(&name)?;
+                let entry =
+                    shard
+                        .entries()
+                        .get(&name)
+                        .ok_or_else(|| FormatError::MissingTensor {
+                            file: shard.path().to_path_buf(),
+                            name: name.clone(),
+                        })?;
+                writer.copy_from(&name, shard.file(), shard.path(), entry.start, entry.len())?
+            }
+        }
+    }
+    writer.finish()
+}
+
+/// The little-endian bytes of `v` (safetensors' byte order; taper builds for
+/// little-endian targets only, as candle does).
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns, u8 has alignment 1, and the
+    // length covers exactly the same memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Merges the adapter's module `m` into base tensor `spec`. f32 weights are read straight
+/// into an f32 buffer and the delta added in place: `W + Δ` with `Δ` as
+/// [`merge_tensor`] forms it, so the bytes are the same as its.
+fn merge_one(
+    base: &Checkpoint,
+    spec: &TensorSpec,
+    m: &AdapterModule,
+    rounding: Rounding,
+) -> Result<Payload, FormatError> {
+    let shard = base.shard_of(&spec.name)?;
+    let candle = |e: candle_core::Error| FormatError::Safetensors {
+        file: shard.path().to_path_buf(),
+        message: format!("merging into `{}`: {e}", spec.name),
+    };
+    if spec.dtype != safetensors::Dtype::F32 {
+        let stored = shard.read(&spec.name)?;
+        return Ok(Payload::Bytes(
+            merge_tensor(&stored, m, rounding).map_err(candle)?.data,
+        ));
+    }
+    let n: usize = spec.shape.iter().product();
+    let mut w = vec![0f32; n];
+    // SAFETY: as in `f32_bytes`; every bit pattern is a valid f32.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * n) };
+    shard.read_into(&spec.name, bytes)?;
+    let (a, b) = (
+        m.a.to_dtype(DType::F32).map_err(candle)?,
+        m.b.to_dtype(DType::F32).map_err(candle)?,
+    );
+    let (product, scale) = match rounding {
+        // Δ = (B @ A)·s
+        Rounding::Peft => (b.matmul(&a).map_err(candle)?, Some(m.scale as f32)),
+        // Δ = (s·B) @ A
+        Rounding::Mlx => (
+            b.affine(m.scale, 0.0)
+                .and_then(|b| b.matmul(&a))
+                .map_err(candle)?,
+            None,
+        ),
+    };
+    let (storage, layout) = product.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(candle(candle_core::Error::Msg(
+            "delta is not on the CPU".into(),
+        )));
+    };
+    let delta = cpu.as_slice::<f32>().map_err(candle)?;
+    let delta = delta
+        .get(layout.start_offset()..layout.start_offset() + n)
+        .filter(|_| layout.is_contiguous() && product.dims() == spec.shape.as_slice())
+        .ok_or_else(|| candle(candle_core::Error::Msg("delta has the wrong shape".into())))?;
+    match scale {
+        // `x * s + 0` as candle's affine computes it (the `+ 0` turns -0 into +0).
+        Some(s) => w.iter_mut().zip(delta).for_each(|(w, d)| *w += d * s + 0.0),
+        None => w.iter_mut().zip(delta).for_each(|(w, d)| *w += d),
+    }
+    Ok(Payload::Floats(w))
 }
 
 /// `model.safetensors` for one shard, else `model-00001-of-00003.safetensors`, ...

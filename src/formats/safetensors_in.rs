@@ -264,6 +264,38 @@ impl SafetensorsFile {
         })
     }
 
+    /// The open file, for copying a tensor's bytes elsewhere without reading them here.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads the bytes of tensor `name` into `buf`, which must be exactly their length.
+    pub fn read_into(&self, name: &str, buf: &mut [u8]) -> Result<(), FormatError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| FormatError::MissingTensor {
+                file: self.path.clone(),
+                name: name.to_string(),
+            })?;
+        if buf.len() as u64 != entry.len() {
+            return Err(FormatError::Safetensors {
+                file: self.path.clone(),
+                message: format!(
+                    "tensor `{name}` holds {} bytes, {} asked for",
+                    entry.len(),
+                    buf.len()
+                ),
+            });
+        }
+        self.file
+            .read_exact_at(buf, entry.start)
+            .map_err(|source| FormatError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Reads every tensor as stored.
     pub fn read_all(&self) -> Result<BTreeMap<String, RawTensor>, FormatError> {
         self.entries

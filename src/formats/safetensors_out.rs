@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -145,8 +145,9 @@ impl SafetensorsWriter {
         self.pending.front().map(|s| s.name.as_str())
     }
 
-    /// Writes the bytes of tensor `name`, which must be the next one in name order.
-    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<(), FormatError> {
+    /// Checks that tensor `name` of `len` bytes is the next one due, and takes it off
+    /// the list.
+    fn take_next(&mut self, name: &str, len: u64) -> Result<(), FormatError> {
         let fail = |message: String| FormatError::Safetensors {
             file: self.path.clone(),
             message,
@@ -160,18 +161,53 @@ impl SafetensorsWriter {
                 spec.name
             )));
         }
-        if spec.byte_len() != data.len() as u64 {
+        if spec.byte_len() != len {
             return Err(fail(format!(
-                "tensor `{name}`: {} bytes given, {} announced",
-                data.len(),
+                "tensor `{name}`: {len} bytes given, {} announced",
                 spec.byte_len()
             )));
         }
         self.pending.pop_front();
+        Ok(())
+    }
+
+    /// Writes the bytes of tensor `name`, which must be the next one in name order.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<(), FormatError> {
+        self.take_next(name, data.len() as u64)?;
         self.out.write_all(data).map_err(|source| FormatError::Io {
             path: self.path.clone(),
             source,
         })
+    }
+
+    /// Writes tensor `name` (the next one due) as the `len` bytes at `offset` of `src`,
+    /// copied file to file: the kernel moves them (`copy_file_range` on Linux, which
+    /// `std::io::copy` uses), so they never pass through this process's memory.
+    pub fn copy_from(
+        &mut self,
+        name: &str,
+        src: &File,
+        src_path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), FormatError> {
+        self.take_next(name, len)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FormatError::Io { path, source }
+        };
+        self.out.flush().map_err(io(&self.path))?;
+        let mut reader = src;
+        reader.seek(SeekFrom::Start(offset)).map_err(io(src_path))?;
+        let copied =
+            std::io::copy(&mut reader.take(len), self.out.get_mut()).map_err(io(&self.path))?;
+        if copied != len {
+            return Err(FormatError::Safetensors {
+                file: src_path.to_path_buf(),
+                message: format!("tensor `{name}`: {copied} of {len} bytes could be read"),
+            });
+        }
+        Ok(())
     }
 
     /// Flushes the file; every announced tensor must have been written.

@@ -790,11 +790,15 @@ mod tests {
     #[test]
     fn cuda_swiglu_kernels_match_the_cpu() {
         let gpu = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
-        let (g, u, dy) = (
-            var(&[3, 7, 50], 41),
-            var(&[3, 7, 50], 42),
-            var(&[3, 7, 50], 43),
-        );
+        // 1,050 elements take the one-element-a-thread kernels, 1,536 the 8-wide ones.
+        for shape in [[3, 7, 50], [3, 8, 64]] {
+            swiglu_kernels_match_the_cpu(&gpu, &shape);
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn swiglu_kernels_match_the_cpu(gpu: &Device, shape: &[usize]) {
+        let (g, u, dy) = (var(shape, 41), var(shape, 42), var(shape, 43));
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
             let run = |dev: &Device| {
                 let on = |x: &Var| {
@@ -832,7 +836,7 @@ mod tests {
                     back(grads.get(u.as_tensor()).unwrap()),
                 ]
             };
-            let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+            let (cpu, cuda) = (run(&Device::Cpu), run(gpu));
             for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
                 let (d, size) = (max_diff(a, b), max_diff(a, &a.zeros_like().unwrap()));
                 assert!(
@@ -908,19 +912,28 @@ mod tests {
     #[test]
     fn cuda_attention_kernels_match_the_cpu() {
         let gpu = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        // 33 keys take the block-per-row kernels; 40 and 264 (a multiple of 8) the
+        // warp-per-row ones, with one and two vectors a lane.
+        for seq in [33, 40, 264] {
+            attention_kernels_match_the_cpu(&gpu, seq);
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn attention_kernels_match_the_cpu(gpu: &Device, seq: usize) {
         let (q, k, v) = (
-            var(&[2, 8, 33, 16], 21),
-            var(&[2, 2, 33, 16], 22),
-            var(&[2, 2, 33, 16], 23),
+            var(&[2, 8, seq, 16], 21),
+            var(&[2, 2, seq, 16], 22),
+            var(&[2, 2, seq, 16], 23),
         );
-        let w = var(&[2, 8, 33, 16], 24).as_tensor().detach();
-        let mut mask = vec![1u8; 66];
-        mask[33] = 0;
-        mask[34] = 0;
-        let mask = Tensor::from_vec(mask, (2, 33), &Device::Cpu).unwrap();
+        let w = var(&[2, 8, seq, 16], 24).as_tensor().detach();
+        let mut mask = vec![1u8; 2 * seq];
+        mask[seq] = 0;
+        mask[seq + 1] = 0;
+        let mask = Tensor::from_vec(mask, (2, seq), &Device::Cpu).unwrap();
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 0.02)] {
             let bias =
-                super::super::mask::attention_bias(2, 33, Some(&mask), DType::F32, &Device::Cpu)
+                super::super::mask::attention_bias(2, seq, Some(&mask), DType::F32, &Device::Cpu)
                     .unwrap();
             let run = |dev: &Device| {
                 let on = |x: &Var| {
@@ -955,12 +968,12 @@ mod tests {
                 }
                 all
             };
-            let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+            let (cpu, cuda) = (run(&Device::Cpu), run(gpu));
             for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
                 let (d, size) = (max_diff(a, b), max_diff(a, &a.zeros_like().unwrap()));
                 assert!(
                     d < tol * size.max(1.0),
-                    "{dtype:?} tensor {i} (out, dq, dk, dv) differs by {d} (largest {size})"
+                    "{dtype:?} seq {seq}: tensor {i} (out, dq, dk, dv) differs by {d} (largest {size})"
                 );
             }
         }

@@ -205,6 +205,168 @@ __device__ void backward(const T* x, const float* bias, const T* dp, T* p, T* ds
     }
 }
 
+// Eight consecutive elements as floats, and back; `p` 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    float4 a = *reinterpret_cast<const float4*>(p);
+    float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const bf16* p, float* v) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    unsigned int w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(bf16* p, const float* v) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        w[i] = (unsigned int)to_bf16(v[2 * i]) | ((unsigned int)to_bf16(v[2 * i + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The same two passes with one warp per row, the row held in registers: lane `l` holds
+// elements [8 (32 v + l), 8 (32 v + l) + 8) for v < N, so a row of t <= 256 N elements
+// (t a multiple of 8, rows 16-byte aligned) is read once, with 16-byte loads, and each
+// exponential is taken once. Same roundings as `forward`/`backward`; only the order of
+// the row sums differs.
+template <typename T, int N>
+__device__ void forward_warp(const T* x, const float* bias, T* p, int t, int s, int heads,
+                             long bias_batch_stride, float scale, long rows) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    long batch = row / ((long)heads * s);
+    long query = row % s;
+    const T* xr = x + row * t;
+    const float* br = bias + batch * bias_batch_stride + query * t;
+    float z[N][8];
+    float m = NEG_INF;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        int j = (v * 32 + lane) * 8;
+        if (j < t) {
+            float a[8], b[8];
+            load8(xr + j, a);
+            load8(br + j, b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                z[v][e] = round_to(xr, a[e] * scale) + b[e];
+                m = fmaxf(m, z[v][e]);
+            }
+        }
+    }
+    m = warp_max(m);
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        if ((v * 32 + lane) * 8 < t) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                z[v][e] = expf(z[v][e] - m);
+                sum += z[v][e];
+            }
+        }
+    }
+    sum = warp_sum(sum);
+    T* pr = p + row * t;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        int j = (v * 32 + lane) * 8;
+        if (j < t) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) z[v][e] = z[v][e] / sum;
+            store8(pr + j, z[v]);
+        }
+    }
+}
+
+template <typename T, int N>
+__device__ void backward_warp(const T* x, const float* bias, const T* dp, T* p, T* ds, int t,
+                              int s, int heads, long bias_batch_stride, float scale, long rows) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    long batch = row / ((long)heads * s);
+    long query = row % s;
+    const T* xr = x + row * t;
+    const float* br = bias + batch * bias_batch_stride + query * t;
+    float z[N][8];
+    float m = NEG_INF;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        int j = (v * 32 + lane) * 8;
+        if (j < t) {
+            float a[8], b[8];
+            load8(xr + j, a);
+            load8(br + j, b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                z[v][e] = round_to(xr, a[e] * scale) + b[e];
+                m = fmaxf(m, z[v][e]);
+            }
+        }
+    }
+    m = warp_max(m);
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        if ((v * 32 + lane) * 8 < t) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                z[v][e] = expf(z[v][e] - m);
+                sum += z[v][e];
+            }
+        }
+    }
+    sum = warp_sum(sum);
+    const T* dpr = dp + row * t;
+    T* pr = p + row * t;
+    float g[N][8];
+    float dot = 0.0f;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        int j = (v * 32 + lane) * 8;
+        if (j < t) {
+            load8(dpr + j, g[v]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                z[v][e] = z[v][e] / sum;
+                dot += z[v][e] * g[v][e];
+            }
+            store8(pr + j, z[v]);
+        }
+    }
+    dot = warp_sum(dot);
+    T* dsr = ds + row * t;
+#pragma unroll
+    for (int v = 0; v < N; v++) {
+        int j = (v * 32 + lane) * 8;
+        if (j < t) {
+            float d[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) d[e] = round_to(xr, z[v][e] * (g[v][e] - dot)) * scale;
+            store8(dsr + j, d);
+        }
+    }
+}
+
 // RMSNorm over rows of `h`: y = round_T(round_T(x * inv) * w), inv = 1 / sqrt(mean(x^2) + eps).
 template <typename T>
 __device__ void rms_forward(const T* x, const T* w, T* y, int h, float eps) {
@@ -262,6 +424,52 @@ __device__ void swiglu_backward(const T* g, const T* u, const T* dy, T* dg, T* d
     }
 }
 
+// The same, eight elements a thread with 16-byte loads (n a multiple of 8, aligned).
+template <typename T>
+__device__ void swiglu_forward8(const T* g, const T* u, T* y, long n) {
+    for (long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x); i < n;
+         i += 8 * (long)gridDim.x * blockDim.x) {
+        float gv[8], uv[8], out[8];
+        load8(g + i, gv);
+        load8(u + i, uv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) out[e] = round_to(g, gv[e] / (1.0f + expf(-gv[e]))) * uv[e];
+        store8(y + i, out);
+    }
+}
+
+template <typename T>
+__device__ void swiglu_backward8(const T* g, const T* u, const T* dy, T* dg, T* du, long n) {
+    for (long i = 8 * (blockIdx.x * (long)blockDim.x + threadIdx.x); i < n;
+         i += 8 * (long)gridDim.x * blockDim.x) {
+        float gv[8], uv[8], dyv[8], dgo[8], duo[8];
+        load8(g + i, gv);
+        load8(u + i, uv);
+        load8(dy + i, dyv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float sg = 1.0f / (1.0f + expf(-gv[e]));
+            float a = round_to(g, gv[e] * sg);
+            duo[e] = dyv[e] * a;
+            float da = round_to(g, dyv[e] * uv[e]);
+            dgo[e] = da * (sg * (1.0f + gv[e] * (1.0f - sg)));
+        }
+        store8(du + i, duo);
+        store8(dg + i, dgo);
+    }
+}
+
+#define SWIGLU8(SUFFIX, T)                                                                  \
+extern "C" __global__ void taper_swiglu_fwd_v8_##SUFFIX(const T* g, const T* u, T* y, long n) { \
+    swiglu_forward8(g, u, y, n);                                                            \
+}                                                                                           \
+extern "C" __global__ void taper_swiglu_bwd_v8_##SUFFIX(const T* g, const T* u, const T* dy, \
+        T* dg, T* du, long n) {                                                             \
+    swiglu_backward8(g, u, dy, dg, du, n);                                                  \
+}
+SWIGLU8(f32, float)
+SWIGLU8(bf16, bf16)
+
 extern "C" __global__ void taper_swiglu_fwd_f32(const float* g, const float* u, float* y, long n) {
     swiglu_forward(g, u, y, n);
 }
@@ -292,22 +500,35 @@ extern "C" __global__ void taper_rms_bwd_bf16(const bf16* x, const bf16* w, cons
     rms_backward(x, w, dy, dx, h, eps);
 }
 
-extern "C" __global__ void taper_attn_fwd_f32(const float* x, const float* bias, float* p,
-        int t, int s, int heads, long bs, float scale) {
-    forward(x, bias, p, t, s, heads, bs, scale);
+// The attention entry points all take `rows` last; the block-per-row ones ignore it.
+#define ATTN(SUFFIX, T)                                                                     \
+extern "C" __global__ void taper_attn_fwd_##SUFFIX(const T* x, const float* bias, T* p,   \
+        int t, int s, int heads, long bs, float scale, long rows) {                         \
+    forward(x, bias, p, t, s, heads, bs, scale);                                            \
+}                                                                                           \
+extern "C" __global__ void taper_attn_bwd_##SUFFIX(const T* x, const float* bias,          \
+        const T* dp, T* p, T* ds, int t, int s, int heads, long bs, float scale, long rows) { \
+    backward(x, bias, dp, p, ds, t, s, heads, bs, scale);                                   \
 }
-extern "C" __global__ void taper_attn_fwd_bf16(const bf16* x, const float* bias, bf16* p,
-        int t, int s, int heads, long bs, float scale) {
-    forward(x, bias, p, t, s, heads, bs, scale);
+#define ATTN_WARP(N, SUFFIX, T)                                                             \
+extern "C" __global__ void taper_attn_fwd_w##N##_##SUFFIX(const T* x, const float* bias,   \
+        T* p, int t, int s, int heads, long bs, float scale, long rows) {                   \
+    forward_warp<T, N>(x, bias, p, t, s, heads, bs, scale, rows);                           \
+}                                                                                           \
+extern "C" __global__ void taper_attn_bwd_w##N##_##SUFFIX(const T* x, const float* bias,   \
+        const T* dp, T* p, T* ds, int t, int s, int heads, long bs, float scale, long rows) { \
+    backward_warp<T, N>(x, bias, dp, p, ds, t, s, heads, bs, scale, rows);                  \
 }
-extern "C" __global__ void taper_attn_bwd_f32(const float* x, const float* bias,
-        const float* dp, float* p, float* ds, int t, int s, int heads, long bs, float scale) {
-    backward(x, bias, dp, p, ds, t, s, heads, bs, scale);
-}
-extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
-        const bf16* dp, bf16* p, bf16* ds, int t, int s, int heads, long bs, float scale) {
-    backward(x, bias, dp, p, ds, t, s, heads, bs, scale);
-}
+ATTN(f32, float)
+ATTN(bf16, bf16)
+ATTN_WARP(1, f32, float)
+ATTN_WARP(2, f32, float)
+ATTN_WARP(4, f32, float)
+ATTN_WARP(8, f32, float)
+ATTN_WARP(1, bf16, bf16)
+ATTN_WARP(2, bf16, bf16)
+ATTN_WARP(4, bf16, bf16)
+ATTN_WARP(8, bf16, bf16)
 "#;
 
     const MODULE: &str = "taper_fused";
@@ -341,21 +562,24 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
 
     /// The scalar arguments after the pointers, in the kernel's order.
     enum Scalars {
-        Attn([i32; 3], i64, f32),
+        /// `t, s, heads`, the bias's batch stride, the scale and the row count.
+        Attn([i32; 3], i64, f32, i64),
         Rms(i32, f32),
         Swiglu(i64),
     }
 
     impl Kernel {
-        fn name(self, suffix: &str) -> String {
+        /// The entry point; `variant` is the vectorised form's infix (`w4`, `v8`) if any.
+        fn name(self, suffix: &str, variant: Option<&str>) -> String {
             let (op, backward) = match self {
                 Self::AttnForward { .. } => ("attn", false),
                 Self::AttnBackward { .. } => ("attn", true),
                 Self::Rms { backward, .. } => ("rms", backward),
                 Self::Swiglu { backward } => ("swiglu", backward),
             };
+            let variant = variant.map(|v| format!("{v}_")).unwrap_or_default();
             format!(
-                "taper_{op}_{}_{suffix}",
+                "taper_{op}_{}_{variant}{suffix}",
                 if backward { "bwd" } else { "fwd" }
             )
         }
@@ -367,12 +591,16 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
             }
         }
 
-        /// Checks the layouts; returns the launch shape and the scalar arguments.
-        fn plan(self, layouts: &[&Layout]) -> Result<(LaunchConfig, Scalars)> {
+        /// Checks the layouts; returns the launch shape, the scalar arguments and the
+        /// vectorised variant when the shapes and alignments allow one.
+        fn plan(self, layouts: &[&Layout]) -> Result<(LaunchConfig, Scalars, Option<String>)> {
             let x = layouts[0];
             if layouts.iter().any(|l| l.contiguous_offsets().is_none()) {
                 candle_core::bail!("fused kernel: inputs must be contiguous")
             }
+            // 16-byte loads need every input to start on a multiple of 8 elements (the
+            // outputs are fresh allocations).
+            let aligned = layouts.iter().all(|l| l.start_offset() % 8 == 0);
             let last = *x.dims().last().unwrap_or(&0);
             let rows_of = |width: usize, n: usize| LaunchConfig {
                 grid_dim: (n as u32, 1, 1),
@@ -401,8 +629,29 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
                         )
                     }
                     let stride = if bb == 1 { 0 } else { (s * t) as i64 };
-                    let scalars = Scalars::Attn([t as i32, s as i32, heads as i32], stride, scale);
-                    Ok((rows_of(t, b * rows_per_batch), scalars))
+                    let rows = b * rows_per_batch;
+                    let scalars = Scalars::Attn(
+                        [t as i32, s as i32, heads as i32],
+                        stride,
+                        scale,
+                        rows as i64,
+                    );
+                    // One warp a row, the row in registers, when it fits 8 vectors a lane.
+                    let warp = [1usize, 2, 4, 8]
+                        .into_iter()
+                        .find(|n| 256 * n >= t)
+                        .filter(|_| aligned && t.is_multiple_of(8));
+                    match warp {
+                        Some(n) => {
+                            let cfg = LaunchConfig {
+                                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                                block_dim: (128, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            Ok((cfg, scalars, Some(format!("w{n}"))))
+                        }
+                        None => Ok((rows_of(t, rows), scalars, None)),
+                    }
                 }
                 Self::Rms { eps, .. } => {
                     if layouts[1].dims() != [last]
@@ -416,19 +665,25 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
                         )
                     }
                     let rows = x.shape().elem_count() / last;
-                    Ok((rows_of(last, rows), Scalars::Rms(last as i32, eps)))
+                    Ok((rows_of(last, rows), Scalars::Rms(last as i32, eps), None))
                 }
                 Self::Swiglu { .. } => {
                     if layouts.iter().any(|l| l.dims() != x.dims()) {
                         candle_core::bail!("swiglu: inputs of different shapes")
                     }
                     let n = x.shape().elem_count();
+                    let v8 = aligned && n.is_multiple_of(8);
+                    let per_thread = if v8 { 8 } else { 1 };
                     let cfg = LaunchConfig {
-                        grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+                        grid_dim: (
+                            (n / per_thread).div_ceil(256).clamp(1, 1 << 20) as u32,
+                            1,
+                            1,
+                        ),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    Ok((cfg, Scalars::Swiglu(n as i64)))
+                    Ok((cfg, Scalars::Swiglu(n as i64), v8.then(|| "v8".to_string())))
                 }
             }
         }
@@ -444,9 +699,10 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
             inputs: &[(&CudaStorage, &Layout)],
         ) -> Result<CudaStorage> {
             let layouts: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
-            let (cfg, scalars) = self.plan(&layouts)?;
+            let (cfg, scalars, variant) = self.plan(&layouts)?;
             let dev: &CudaDevice = &inputs[0].0.device;
-            let func = dev.get_or_load_custom_func(&self.name(suffix), MODULE, ptx()?)?;
+            let name = self.name(suffix, variant.as_deref());
+            let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut typed = Vec::new();
             let mut floats = Vec::new();
             for (i, (s, l)) in inputs.iter().enumerate() {
@@ -478,12 +734,13 @@ extern "C" __global__ void taper_attn_bwd_bf16(const bf16* x, const float* bias,
                     b.arg(&mut second);
                 }
                 match &scalars {
-                    Scalars::Attn(ints, stride, scale) => b
+                    Scalars::Attn(ints, stride, scale, rows) => b
                         .arg(&ints[0])
                         .arg(&ints[1])
                         .arg(&ints[2])
                         .arg(stride)
-                        .arg(scale),
+                        .arg(scale)
+                        .arg(rows),
                     Scalars::Rms(h, eps) => b.arg(h).arg(eps),
                     Scalars::Swiglu(len) => b.arg(len),
                 };
