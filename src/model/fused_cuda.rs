@@ -10,7 +10,10 @@
 //! scores and writes the probabilities; the backward reads the raw scores and `dP` and
 //! writes the probabilities (for `dV`) and `dS`. RMSNorm gets the same treatment (nine
 //! element-wise passes forward, fourteen backward, one each here), and so does the
-//! MLP's `silu(gate) * up` (candle's silu backward alone is several passes). The kernels are
+//! MLP's `silu(gate) * up` (candle's silu backward alone is several passes). Rows of up to
+//! 2,048 keys whose length is a multiple of 8 take warp-per-row attention kernels that
+//! hold the row in registers (one read, 16-byte loads, one exponential per element);
+//! SwiGLU takes 8 elements a thread when the sizes allow. The kernels are
 //! compiled with NVRTC when first used. f32 and bf16 only; other dtypes, and every other backend, take the candle-op
 //! path in [`super::fused`].
 
