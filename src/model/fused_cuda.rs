@@ -249,17 +249,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 // (t a multiple of 8, rows 16-byte aligned) is read once, with 16-byte loads, and each
 // exponential is taken once. Same roundings as `forward`/`backward`; only the order of
 // the row sums differs.
+// For row `row` (a warp's), sets lane `lane`'s z to exp(round_T(x * scale) + bias - max)
+// and returns the row's sum of them.
 template <typename T, int N>
-__device__ void forward_warp(const T* x, const float* bias, T* p, int t, int s, int heads,
-                             long bias_batch_stride, float scale, long rows) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    int lane = threadIdx.x & 31;
+__device__ __forceinline__ float exp_row(const T* x, const float* bias, int t, int s,
+                                         int heads, long bias_batch_stride, float scale,
+                                         long row, int lane, float (&z)[N][8]) {
     long batch = row / ((long)heads * s);
     long query = row % s;
     const T* xr = x + row * t;
     const float* br = bias + batch * bias_batch_stride + query * t;
-    float z[N][8];
     float m = NEG_INF;
 #pragma unroll
     for (int v = 0; v < N; v++) {
@@ -287,7 +286,17 @@ __device__ void forward_warp(const T* x, const float* bias, T* p, int t, int s, 
             }
         }
     }
-    sum = warp_sum(sum);
+    return warp_sum(sum);
+}
+
+template <typename T, int N>
+__device__ void forward_warp(const T* x, const float* bias, T* p, int t, int s, int heads,
+                             long bias_batch_stride, float scale, long rows) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    float z[N][8];
+    float sum = exp_row<T, N>(x, bias, t, s, heads, bias_batch_stride, scale, row, lane, z);
     T* pr = p + row * t;
 #pragma unroll
     for (int v = 0; v < N; v++) {
@@ -306,39 +315,8 @@ __device__ void backward_warp(const T* x, const float* bias, const T* dp, T* p, 
     long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     int lane = threadIdx.x & 31;
-    long batch = row / ((long)heads * s);
-    long query = row % s;
-    const T* xr = x + row * t;
-    const float* br = bias + batch * bias_batch_stride + query * t;
     float z[N][8];
-    float m = NEG_INF;
-#pragma unroll
-    for (int v = 0; v < N; v++) {
-        int j = (v * 32 + lane) * 8;
-        if (j < t) {
-            float a[8], b[8];
-            load8(xr + j, a);
-            load8(br + j, b);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                z[v][e] = round_to(xr, a[e] * scale) + b[e];
-                m = fmaxf(m, z[v][e]);
-            }
-        }
-    }
-    m = warp_max(m);
-    float sum = 0.0f;
-#pragma unroll
-    for (int v = 0; v < N; v++) {
-        if ((v * 32 + lane) * 8 < t) {
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                z[v][e] = expf(z[v][e] - m);
-                sum += z[v][e];
-            }
-        }
-    }
-    sum = warp_sum(sum);
+    float sum = exp_row<T, N>(x, bias, t, s, heads, bias_batch_stride, scale, row, lane, z);
     const T* dpr = dp + row * t;
     T* pr = p + row * t;
     float g[N][8];
@@ -364,7 +342,7 @@ __device__ void backward_warp(const T* x, const float* bias, const T* dp, T* p, 
         if (j < t) {
             float d[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) d[e] = round_to(xr, z[v][e] * (g[v][e] - dot)) * scale;
+            for (int e = 0; e < 8; e++) d[e] = round_to(x, z[v][e] * (g[v][e] - dot)) * scale;
             store8(dsr + j, d);
         }
     }
