@@ -19,8 +19,11 @@ use tokenizers::Tokenizer;
 
 use super::error::ModelError;
 
-const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
-const EOS_NAMES: &[&str] = &[
+/// Names tried for BOS when `tokenizer_config.json` does not name it (as the tokenize
+/// stage tries them).
+pub(crate) const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
+/// Names tried for EOS likewise.
+pub(crate) const EOS_NAMES: &[&str] = &[
     "</s>",
     "<|end_of_text|>",
     "<|endoftext|>",
@@ -28,6 +31,40 @@ const EOS_NAMES: &[&str] = &[
     "<eos>",
     "<|eot_id|>",
 ];
+
+/// What `tokenizer_config.json` says about one special token (`bos_token`, ...).
+pub(crate) enum Declared {
+    /// The key is missing (or an object without `content`): fall back to the names.
+    Absent,
+    /// `null`: the model has no such token (as Qwen2 has no BOS).
+    Null,
+    /// A string, or an object with a `content` string.
+    Named(String),
+}
+
+/// Reads `key` of a parsed `tokenizer_config.json`.
+pub(crate) fn declared(config: Option<&serde_json::Value>, key: &str) -> Declared {
+    match config.and_then(|v| v.get(key)) {
+        None => Declared::Absent,
+        Some(serde_json::Value::Null) => Declared::Null,
+        Some(serde_json::Value::String(s)) => Declared::Named(s.clone()),
+        Some(other) => match other.get("content").and_then(|c| c.as_str()) {
+            Some(s) => Declared::Named(s.to_string()),
+            None => Declared::Absent,
+        },
+    }
+}
+
+/// The first of `names` that is a special added token of `tokenizer`, with its id.
+pub(crate) fn well_known_special(tokenizer: &Tokenizer, names: &[&str]) -> Option<(String, u32)> {
+    let added = tokenizer.get_added_tokens_decoder();
+    names.iter().find_map(|name| {
+        added
+            .iter()
+            .find(|(_, t)| t.special && t.content == *name)
+            .map(|(id, _)| (name.to_string(), *id))
+    })
+}
 
 /// A chat format for prompts (the tokenize stage's `chat_template` values).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,26 +235,48 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, ModelErr
 
 /// A special token's id: named by `key` in `tokenizer_config.json`, else the first of
 /// `names` the vocabulary has. An explicit `null` means none.
+/// The tokenize stage's rule (`stages::tokenize::tokenizer`) without its errors: a named
+/// token that is not in the vocabulary counts as none.
 fn resolve(
     tokenizer: &Tokenizer,
     config: Option<&serde_json::Value>,
     key: &str,
     names: &[&str],
 ) -> Option<u32> {
-    match config.and_then(|c| c.get(key)) {
-        Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => tokenizer.token_to_id(s),
-        Some(serde_json::Value::Object(o)) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .and_then(|s| tokenizer.token_to_id(s)),
-        _ => names.iter().find_map(|n| tokenizer.token_to_id(n)),
+    match declared(config, key) {
+        Declared::Null => None,
+        Declared::Named(token) => tokenizer.token_to_id(&token),
+        Declared::Absent => well_known_special(tokenizer, names).map(|(_, id)| id),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_tokens_follow_the_tokenize_stage_rule() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let bos = |config: serde_json::Value| resolve(&tok, Some(&config), "bos_token", BOS_NAMES);
+        // No key, or an object without `content`: the first special token among the names.
+        assert_eq!(resolve(&tok, None, "bos_token", BOS_NAMES), Some(1));
+        assert_eq!(bos(serde_json::json!({"bos_token": {}})), Some(1));
+        // Named, as a string or `{content}`; `null` means none.
+        assert_eq!(bos(serde_json::json!({"bos_token": "</s>"})), Some(2));
+        assert_eq!(
+            bos(serde_json::json!({"bos_token": {"content": "<pad>"}})),
+            Some(0)
+        );
+        assert_eq!(bos(serde_json::json!({"bos_token": null})), None);
+        assert_eq!(
+            resolve(&tok, None, "eos_token", EOS_NAMES),
+            Some(2),
+            "`</s>` is the first EOS name"
+        );
+        // A name that is in no form in the tokenizer falls back to none, not an error.
+        assert_eq!(bos(serde_json::json!({"bos_token": "<nope>"})), None);
+    }
 
     #[test]
     fn templates_render_one_user_turn_and_the_assistant_header() {

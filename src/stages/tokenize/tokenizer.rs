@@ -30,15 +30,7 @@ use super::config::TokenizeConfig;
 use super::error::TokenizeError;
 use super::words::Words;
 
-const BOS_NAMES: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
-const EOS_NAMES: &[&str] = &[
-    "</s>",
-    "<|end_of_text|>",
-    "<|endoftext|>",
-    "<|im_end|>",
-    "<eos>",
-    "<|eot_id|>",
-];
+use crate::model::tokenizer::{declared, well_known_special, Declared, BOS_NAMES, EOS_NAMES};
 
 /// A special token and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,13 +50,6 @@ pub(crate) struct StageTokenizer {
     pub bos: Option<SpecialToken>,
     /// EOS put after every example, if any.
     pub eos: Option<SpecialToken>,
-}
-
-/// What `tokenizer_config.json` says about one token.
-enum Declared {
-    Absent,
-    Null,
-    Named(String),
 }
 
 impl StageTokenizer {
@@ -139,18 +124,6 @@ fn read_side_config(
         })
 }
 
-fn declared(side: Option<&serde_json::Value>, key: &str) -> Declared {
-    match side.and_then(|v| v.get(key)) {
-        None => Declared::Absent,
-        Some(serde_json::Value::Null) => Declared::Null,
-        Some(serde_json::Value::String(s)) => Declared::Named(s.clone()),
-        Some(other) => match other.get("content").and_then(|c| c.as_str()) {
-            Some(s) => Declared::Named(s.to_string()),
-            None => Declared::Absent,
-        },
-    }
-}
-
 /// Applies the rule in the module docs to one of BOS (`which = "bos"`) or EOS.
 fn resolve(
     tokenizer: &Tokenizer,
@@ -193,17 +166,8 @@ fn resolve(
                 format!("tokenizer_config.json sets `{which}_token: null`"),
             ),
             Declared::Absent => {
-                let added = tokenizer.get_added_tokens_decoder();
-                let special = |name: &&str| {
-                    added
-                        .iter()
-                        .find(|(_, t)| t.special && t.content == **name)
-                        .map(|(id, _)| SpecialToken {
-                            token: name.to_string(),
-                            id: *id,
-                        })
-                };
-                let found = well_known.iter().find_map(special);
+                let found = well_known_special(tokenizer, well_known)
+                    .map(|(token, id)| SpecialToken { token, id });
                 (
                     found,
                     format!("no special token named {}", well_known.join(" ")),
