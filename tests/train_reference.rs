@@ -3,12 +3,14 @@
 //! to 1e-5 relative. Also: gradient accumulation averages over all targets of the step,
 //! and a whole train step reaches every LoRA weight and no base weight.
 
+mod model_util;
 mod train_util;
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use model_util::rel_diff as rel;
 use taper::formats::read_adapter;
 use taper::model::{attach_adapter, init_lora, load_model, read_input_ids, LoraConfig, Targets};
 use taper::stages::train::data::{make_batch, Row};
@@ -67,26 +69,6 @@ fn fixture_rows() -> Vec<Row> {
             input_ids: ids,
         })
         .collect()
-}
-
-/// max |got - want| / max |want|.
-fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    diff / scale
 }
 
 #[test]

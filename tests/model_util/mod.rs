@@ -1,5 +1,5 @@
 //! Shared helpers of the `model_*` integration tests: fixture paths, the fixture batch,
-//! expected tensors and max-abs-diff.
+//! expected tensors, max-abs-diff and relative difference.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -44,4 +44,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// max |got - want| / max |want| (f32 tensors).
+pub fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    max(&(got - want).unwrap()) / max(want)
 }
