@@ -7,11 +7,15 @@
 
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use taper::model::sampling::{apply_repetition_penalty, argmax, distribution};
-use taper::model::{generate, GenerateOptions, Llama, LogitsAt, Sampler, SamplingConfig};
+use taper::model::{generate, GenerateOptions, LogitsAt, Sampler, SamplingConfig};
+
+mod util;
+
+use util::bench_llama;
 
 const VOCABS: [usize; 2] = [8192, 32000];
 
@@ -61,47 +65,6 @@ fn sampling(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
-}
-
-/// Writes the bench-size random Llama to `dir` and loads it through the normal path
-/// (the same model as `benches/lora.rs`).
-fn bench_llama(dir: &std::path::Path) -> Llama {
-    let (h, i, layers, vocab) = (512usize, 1408usize, 8usize, 8192usize);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": false, "hidden_act": "silu"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut tensors = std::collections::HashMap::new();
-    tensors.insert("model.embed_tokens.weight".to_string(), randn(&[vocab, h]));
-    tensors.insert("lm_head.weight".to_string(), randn(&[vocab, h]));
-    let ones = || Tensor::ones(h, DType::F32, &Device::Cpu).unwrap();
-    tensors.insert("model.norm.weight".to_string(), ones());
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [h, h]),
-            ("self_attn.v_proj", [h, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            tensors.insert(format!("{p}.{name}.weight"), randn(&shape));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.insert(format!("{p}.{norm}.weight"), ones());
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    taper::model::load_model(dir, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn ids(n: usize) -> Vec<u32> {

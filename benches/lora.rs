@@ -6,19 +6,19 @@
 
 use std::time::Duration;
 
-use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_core::{Device, ModuleT, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use taper::model::attention::softmax_last_dim;
 use taper::model::frozen::FrozenLinear;
 use taper::model::lora::{LoraBranch, LoraLinear};
 use taper::model::norm::RmsNorm;
 
+mod util;
+
+use util::{bench_llama, randn};
+
 const BATCH: usize = 4;
 const SEQ: usize = 128;
-
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
-}
 
 /// A `d x d` LoRA linear of rank `r`; A and B are `Var`s when `trainable`.
 fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
@@ -141,48 +141,6 @@ fn lora_forward_backward(c: &mut Criterion) {
         })
     });
     group.finish();
-}
-
-/// Writes a random Llama (hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192)
-/// to a temp dir and loads it through the normal loading path.
-fn bench_llama(dir: &std::path::Path) -> taper::model::Llama {
-    let (h, i, layers, vocab) = (512usize, 1408usize, 8usize, 8192usize);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": false, "hidden_act": "silu"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut tensors = std::collections::HashMap::new();
-    tensors.insert("model.embed_tokens.weight".to_string(), randn(&[vocab, h]));
-    tensors.insert("lm_head.weight".to_string(), randn(&[vocab, h]));
-    tensors.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
-    );
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [h, h]),
-            ("self_attn.v_proj", [h, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            tensors.insert(format!("{p}.{name}.weight"), randn(&shape));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.insert(
-                format!("{p}.{norm}.weight"),
-                Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    taper::model::load_model(dir, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn model_forward(c: &mut Criterion) {
