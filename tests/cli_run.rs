@@ -533,6 +533,61 @@ fn runs_and_show_read_the_history() {
 }
 
 #[test]
+fn verify_rehashes_a_runs_outputs_against_the_ledger() {
+    let dir = Dir::new("verify");
+    diamond(&dir, "0");
+    dir.taper().args(["run", "p.yaml"]).ok();
+    let first = dir.run_ids()[0].clone();
+    let out = dir.taper().args(["verify", &first]).ok();
+    assert_eq!(
+        out.stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        4
+    );
+    assert!(
+        out.stderr.contains("4 outputs checked, all as recorded"),
+        "{}",
+        out.stderr
+    );
+
+    // Damaged behind taper's back (same size, same mtime would fool a hash cache).
+    let before = std::fs::metadata(dir.root.join("d.txt")).unwrap();
+    let damaged = dir
+        .bytes("d.txt")
+        .unwrap()
+        .iter()
+        .map(|b| b ^ 1)
+        .collect::<Vec<u8>>();
+    std::fs::write(dir.root.join("d.txt"), damaged).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(dir.root.join("d.txt"))
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+    let out = dir.taper().args(["verify"]).expect_code(7);
+    assert!(out.stdout.contains("CHANGED   d  d.txt"), "{}", out.stdout);
+    assert!(out.stderr.contains("1 of 4 outputs"), "{}", out.stderr);
+    std::fs::remove_file(dir.root.join("c.txt")).unwrap();
+    let out = dir.taper().args(["verify"]).expect_code(7);
+    assert!(out.stdout.contains("MISSING   c  c.txt"), "{}", out.stdout);
+
+    // A later run that rewrites the outputs: the first run's are replaced, not damaged.
+    dir.create("in.txt", "changed\n");
+    dir.taper().args(["run", "p.yaml"]).ok();
+    let second = dir.run_ids()[1].clone();
+    let out = dir.taper().args(["verify", &first]).ok();
+    assert!(
+        out.stdout
+            .contains(&format!("replaced  a  a.txt  (by run {second};")),
+        "{}",
+        out.stdout
+    );
+    dir.taper().args(["verify", &second]).ok();
+    let out = dir.taper().args(["verify", "no-such-run"]).expect_code(6);
+    assert!(out.stderr.contains("no record of run \"no-such-run\""));
+}
+
+#[test]
 fn a_second_run_is_refused_while_the_lock_is_held() {
     let dir = Dir::new("lock");
     let p = "version: 1\nname: lock\nstages:\n  wait:\n    kind: command\n    outputs: [out.txt]\n    with:\n      run: 'touch \"$TAPER_WORKSPACE/started\"; i=0; while [ ! -e \"$TAPER_WORKSPACE/release\" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo done > out.txt'\n";

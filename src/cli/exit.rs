@@ -16,6 +16,9 @@ pub const GATE_FAILED: i32 = 5;
 /// Bad input to a command other than a pipeline file (a model folder, an adapter, a file
 /// of ids), or an error taper did not classify.
 pub const ERROR: i32 = 6;
+/// `taper verify`: an output of the run is missing, unreadable or no longer has the
+/// hash the ledger recorded (and no later run recorded its new content).
+pub const VERIFY_FAILED: i32 = 7;
 /// The run was interrupted (Ctrl-C or SIGTERM); 128 + SIGINT, as shells do.
 pub const INTERRUPTED: i32 = 130;
 

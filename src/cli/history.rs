@@ -1,9 +1,10 @@
-//! `taper runs`, `taper show` and `taper gc`: reading and tidying the ledger.
+//! `taper runs`, `taper show`, `taper verify` and `taper gc`: reading, checking and
+//! tidying the ledger.
 
 use super::exit::{self, Failure};
 use crate::state::{
-    time::rfc3339, EventRow, Layout, Ledger, LedgerError, MetricRow, RunRow, StageRunRow,
-    WorkspaceLock,
+    time::rfc3339, EventRow, HashCache, Layout, Ledger, LedgerError, MetricRow, RunRow,
+    StageRunRow, WorkspaceLock,
 };
 use clap::Args;
 use std::collections::BTreeMap;
@@ -27,6 +28,99 @@ pub struct ShowArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `taper verify` options.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A run id (or a unique prefix of one); default: the latest run.
+    pub run_id: Option<String>,
+}
+
+/// What re-hashing one recorded output found.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The recorded hash.
+    Same,
+    /// Another hash, which a later run recorded for the same path: replaced, not damaged.
+    Replaced(String),
+    /// Another hash that no run recorded.
+    Changed,
+    /// The path is gone.
+    Missing,
+    /// It could not be read.
+    Unreadable(String),
+}
+
+/// Re-hashes, from the bytes on disk (no hash cache), every output that the stages of a
+/// run published or found up to date, and compares each with the hash the ledger
+/// recorded. Exit 0 when each is the same (or was replaced by a later run), 7 otherwise.
+pub fn verify(layout: &Layout, a: &VerifyArgs) -> Result<i32, Failure> {
+    let ledger = Ledger::new(layout);
+    let runs = latest_runs(&ledger)?;
+    let run = find_run(&runs, a.run_id.as_deref())?;
+    let rows = ledger.read::<StageRunRow>()?;
+    let mut cache = HashCache::default();
+    let mut bad = 0;
+    let mut checked = 0;
+    for s in rows
+        .iter()
+        .filter(|s| s.run_id == run.run_id && (s.status == "success" || s.status == "skipped"))
+    {
+        for o in &s.outputs {
+            checked += 1;
+            let verdict = match cache.hash_path(&layout.path(&o.path)) {
+                Ok(h) if h.hash == o.hash => Verdict::Same,
+                Ok(h) => rows
+                    .iter()
+                    .filter(|later| {
+                        later.run_id != run.run_id
+                            && later.started_at > s.started_at
+                            && later
+                                .outputs
+                                .iter()
+                                .any(|l| l.path == o.path && l.hash == h.hash)
+                    })
+                    .max_by_key(|later| later.started_at)
+                    .map(|later| Verdict::Replaced(later.run_id.clone()))
+                    .unwrap_or(Verdict::Changed),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Verdict::Missing,
+                Err(e) => Verdict::Unreadable(e.to_string()),
+            };
+            let short = &o.hash[..o.hash.len().min(12)];
+            let line = match &verdict {
+                Verdict::Same => format!("ok        {}  {}  {short}", s.stage, o.path),
+                Verdict::Replaced(by) => format!(
+                    "replaced  {}  {}  (by run {by}; this run wrote {short})",
+                    s.stage, o.path
+                ),
+                Verdict::Changed => format!(
+                    "CHANGED   {}  {}  (the ledger recorded {short}; no run wrote what is there now)",
+                    s.stage, o.path
+                ),
+                Verdict::Missing => format!("MISSING   {}  {}", s.stage, o.path),
+                Verdict::Unreadable(e) => format!("UNREADABLE {}  {}  ({e})", s.stage, o.path),
+            };
+            println!("{line}");
+            if !matches!(verdict, Verdict::Same | Verdict::Replaced(_)) {
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(Failure::new(
+            exit::VERIFY_FAILED,
+            format!(
+                "error: run {}: {bad} of {checked} outputs no longer have their recorded content",
+                run.run_id
+            ),
+        ));
+    }
+    eprintln!(
+        "run {}: {checked} outputs checked, all as recorded",
+        run.run_id
+    );
+    Ok(exit::SUCCESS)
 }
 
 /// `taper gc` options.

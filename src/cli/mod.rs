@@ -51,6 +51,8 @@ pub enum Command {
     Runs(history::RunsArgs),
     /// One run: stages, durations, output hashes, metrics.
     Show(history::ShowArgs),
+    /// Re-hash a run's outputs and compare them with the hashes the ledger recorded.
+    Verify(history::VerifyArgs),
     /// Write a run's HTML report: stage graph, loss curves, eval results, outputs.
     Report(report::ReportArgs),
     /// Every stage kind's `with:` keys and their defaults.
@@ -131,6 +133,7 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Validate(a) => plan::validate(&layout, &a),
         Command::Runs(a) => history::runs(&layout, &a),
         Command::Show(a) => history::show(&layout, &a),
+        Command::Verify(a) => history::verify(&layout, &a),
         Command::Report(a) => report::report(&layout, &a),
         Command::Kinds(a) => kinds::kinds(&a),
         Command::Init(a) => init::init(&a),
