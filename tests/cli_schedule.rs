@@ -2,7 +2,8 @@
 //! `--fake-clock`) that starts two seconds before a fire time and jumps over every wait,
 //! so two scheduled runs of an every-minute cron take as long as the runs themselves.
 //! Also `--list`, `export systemd`, and `${run.folder}` in a manual run. `keep_runs` in the
-//! ledger has its own tests in `cli_keep_runs.rs`.
+//! ledger has its own tests in `cli_keep_runs.rs`. And SIGTERM to the real scheduler while
+//! its real child run is in a stage.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -243,5 +244,87 @@ fn export_systemd_writes_a_service_and_a_timer() {
         text(&out).contains("cannot export to systemd"),
         "{}",
         text(&out)
+    );
+}
+
+/// SIGTERM to the real scheduler process while its real `taper run` child is in a stage:
+/// the signal is forwarded, the stage's process is stopped, the run is recorded as
+/// interrupted, the decision as "stopped by a signal", and the scheduler exits 130.
+#[test]
+fn sigterm_stops_the_scheduler_and_its_running_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // The stage runs in its staging folder: it writes its pid where the test looks.
+    let pid_file = dir.path().join("stage.pid");
+    let pipeline = format!(
+        r#"version: 1
+name: slow
+schedule: {{cron: "* * * * *"}}
+stages:
+  wait:
+    kind: command
+    outputs: [done.txt]
+    with: {{run: "echo $$ > {}; sleep 60; touch done.txt"}}
+"#,
+        pid_file.display()
+    );
+    std::fs::write(dir.path().join("p.yaml"), pipeline).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taper"))
+        .current_dir(dir.path())
+        .args(["schedule", "p.yaml", "--max-runs", "1"])
+        .args(["--fake-clock", "2027-03-29T00:29:58Z"])
+        .env_remove("TAPER_TRIGGER")
+        .env_remove("TAPER_SCHEDULED_FOR")
+        .env_remove("TAPER_RUN_TIME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let stage_pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the scheduled run's stage never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // SAFETY: kill(2) on the scheduler we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the scheduler did not stop after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", text(&out));
+    let stat = std::fs::read_to_string(format!("/proc/{stage_pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().to_string());
+    assert!(
+        state.is_none_or(|s| s.starts_with('Z') || s.starts_with('X')),
+        "the stage's shell {stage_pid} still runs: {stat}"
+    );
+    assert!(!dir.path().join("done.txt").exists());
+    let runs = run_rows(dir.path());
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].status, "interrupted", "{}", text(&out));
+    let events: Vec<EventRow> = Ledger::new(&Layout::new(dir.path())).read().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.run_id == "schedule" && e.message == "slow: stopped by a signal"),
+        "{events:?}"
     );
 }
