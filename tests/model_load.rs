@@ -1,5 +1,6 @@
 //! Loading errors name the tensor and the file; sharded checkpoints load like single
-//! files; the mask handles right padding.
+//! files; a tied `lm_head` reads the embedding; f16 checkpoints load and run; the mask
+//! handles right padding.
 
 mod model_util;
 
@@ -133,6 +134,67 @@ fn sharded_checkpoint_gives_the_same_logits() {
     .unwrap();
     let split = forward_logits(dir.path(), None, input_ids(), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(max_abs_diff(&single, &split), 0.0);
+}
+
+/// tiny-llama with `lm_head.weight` replaced by the embedding (and dropped from the file
+/// when `tied`), in `dtype` on disk.
+fn variant(tied: bool, dtype: DType) -> tempfile::TempDir {
+    let dir = model_dir(|c| {
+        c["tie_word_embeddings"] = serde_json::Value::Bool(tied);
+    });
+    let mut tensors = tiny_llama_tensors();
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    if tied {
+        tensors.remove("lm_head.weight");
+    } else {
+        tensors.insert("lm_head.weight".into(), embed);
+    }
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn tied_lm_head_reads_the_embedding() {
+    let logits =
+        |dir: &Path| forward_logits(dir, None, input_ids(), &Device::Cpu, DType::F32).unwrap();
+    // Tied (no lm_head in the file) equals untied with lm_head = the embedding, exactly,
+    // and differs from tiny-llama's own lm_head.
+    let (tied, untied) = (variant(true, DType::F32), variant(false, DType::F32));
+    let t = logits(tied.path());
+    assert_eq!(max_abs_diff(&t, &logits(untied.path())), 0.0);
+    assert!(max_abs_diff(&t, &logits(&fixture("tiny-llama"))) > 1e-3);
+    // Untied without lm_head in the file is an error naming it.
+    let broken = variant(true, DType::F32);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(broken.path().join("config.json")).unwrap())
+            .unwrap();
+    config["tie_word_embeddings"] = serde_json::Value::Bool(false);
+    std::fs::write(broken.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_err(broken.path()).to_string();
+    assert!(err.contains("lm_head.weight"), "{err}");
+}
+
+#[test]
+fn f16_checkpoint_loads_and_runs_close_to_f32() {
+    let (f32_dir, f16_dir) = (variant(false, DType::F32), variant(false, DType::F16));
+    let want = forward_logits(f32_dir.path(), None, input_ids(), &Device::Cpu, DType::F32).unwrap();
+    for dtype in [DType::F32, DType::F16] {
+        let got = forward_logits(f16_dir.path(), None, input_ids(), &Device::Cpu, dtype)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let diff = max_abs_diff(&want, &got);
+        // f16 weights (11-bit mantissa): tiny-llama's logits are O(1).
+        assert!(
+            diff < 2e-2,
+            "f16 on disk, {dtype:?} compute: max abs diff {diff:e}"
+        );
+        assert!(diff > 0.0, "f16 rounding must show");
+    }
 }
 
 #[test]

@@ -160,3 +160,35 @@ fn sigkill_at_a_random_step_then_rerun_gives_the_same_adapter() {
         .collect();
     assert_eq!(statuses, ["success", "killed"], "{runs}");
 }
+
+#[test]
+fn metrics_can_be_read_from_the_ledger_while_training_runs() {
+    let ws = workspace();
+    let mut child = taper_run(ws.path()).spawn().unwrap();
+    let ledger = taper::state::Ledger::new(&taper::state::Layout::new(ws.path()));
+    let started = Instant::now();
+    let steps = loop {
+        let rows: Vec<taper::state::MetricRow> =
+            ledger.read().expect("the ledger reads while a run writes");
+        let steps: Vec<i64> = rows
+            .iter()
+            .filter(|m| m.stage == "train" && m.name == "train/loss")
+            .map(|m| m.step)
+            .collect();
+        if !steps.is_empty() {
+            break steps;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no train/loss row reached the ledger"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Read while the stage was still training: the run has not ended, and the loss of
+    // its last step (300) is not among the rows yet.
+    let still_running = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(still_running, "the run ended before its metrics were read");
+    assert!(!steps.contains(&300), "{steps:?}");
+}

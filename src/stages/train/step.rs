@@ -138,14 +138,7 @@ impl Trainer {
             return Err(StepFailure::NonFinite { loss, grad_norm });
         }
         if let Some(max) = self.max_grad_norm {
-            // torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when below 1.
-            let coef = max / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                grads = grads
-                    .iter()
-                    .map(|g| g * coef)
-                    .collect::<candle_core::Result<_>>()?;
-            }
+            grads = clip(grads, grad_norm, max)?;
         }
         self.opt.step(&grads, lr)?;
         Ok(StepStats {
@@ -182,4 +175,42 @@ pub fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
             .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
+}
+
+/// Global gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`: every gradient
+/// scaled by `max / (norm + 1e-6)` when that is below 1, else left as it is.
+pub fn clip(grads: Vec<Tensor>, norm: f64, max: f64) -> candle_core::Result<Vec<Tensor>> {
+    let coef = max / (norm + 1e-6);
+    if coef >= 1.0 {
+        return Ok(grads);
+    }
+    grads.iter().map(|g| g * coef).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn clipping_scales_the_global_norm_down_to_the_maximum_only() {
+        let dev = Device::Cpu;
+        // Norm 13 over two tensors: sqrt(3² + 4² + 12²).
+        let grads = vec![
+            Tensor::new(&[3f32, 4.0], &dev).unwrap(),
+            Tensor::new(&[[12f32]], &dev).unwrap(),
+        ];
+        let norm = global_norm(&grads).unwrap();
+        assert!((norm - 13.0).abs() < 1e-9);
+        let clipped = clip(grads.clone(), norm, 1.0).unwrap();
+        let after = global_norm(&clipped).unwrap();
+        assert!((after - 13.0 / (13.0 + 1e-6)).abs() < 1e-6, "{after}");
+        // Direction kept: each element scaled by the same factor.
+        let ratio = clipped[1].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] / 12.0;
+        let first = clipped[0].to_vec1::<f32>().unwrap();
+        assert!((first[0] - 3.0 * ratio).abs() < 1e-6 && (first[1] - 4.0 * ratio).abs() < 1e-6);
+        // Below the maximum: untouched.
+        let same = clip(grads.clone(), norm, 20.0).unwrap();
+        assert_eq!(same[0].to_vec1::<f32>().unwrap(), [3.0, 4.0]);
+    }
 }
