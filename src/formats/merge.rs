@@ -251,14 +251,7 @@ fn write_all(
             Payload::Bytes(b) => writer.write(&name, &b)?,
             Payload::Copy => {
                 let shard = base.shard_of(&name)?;
-                let entry =
-                    shard
-                        .entries()
-                        .get(&name)
-                        .ok_or_else(|| FormatError::MissingTensor {
-                            file: shard.path().to_path_buf(),
-                            name: name.clone(),
-                        })?;
+                let entry = shard.entry(&name)?;
                 writer.copy_from(&name, shard.file(), shard.path(), entry.start, entry.len())?
             }
         }

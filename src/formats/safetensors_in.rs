@@ -241,22 +241,21 @@ impl SafetensorsFile {
         self.metadata.as_ref()
     }
 
-    /// Reads tensor `name` as stored.
-    pub fn read(&self, name: &str) -> Result<RawTensor, FormatError> {
-        let entry = self
-            .entries
+    /// Where tensor `name` lies; an error naming the file when it is not there.
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry, FormatError> {
+        self.entries
             .get(name)
             .ok_or_else(|| FormatError::MissingTensor {
                 file: self.path.clone(),
                 name: name.to_string(),
-            })?;
+            })
+    }
+
+    /// Reads tensor `name` as stored.
+    pub fn read(&self, name: &str) -> Result<RawTensor, FormatError> {
+        let entry = self.entry(name)?;
         let mut data = vec![0u8; entry.len() as usize];
-        self.file
-            .read_exact_at(&mut data, entry.start)
-            .map_err(|source| FormatError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.read_into(name, &mut data)?;
         Ok(RawTensor {
             dtype: entry.dtype,
             shape: entry.shape.clone(),
@@ -271,13 +270,7 @@ impl SafetensorsFile {
 
     /// Reads the bytes of tensor `name` into `buf`, which must be exactly their length.
     pub fn read_into(&self, name: &str, buf: &mut [u8]) -> Result<(), FormatError> {
-        let entry = self
-            .entries
-            .get(name)
-            .ok_or_else(|| FormatError::MissingTensor {
-                file: self.path.clone(),
-                name: name.to_string(),
-            })?;
+        let entry = self.entry(name)?;
         if buf.len() as u64 != entry.len() {
             return Err(FormatError::Safetensors {
                 file: self.path.clone(),
