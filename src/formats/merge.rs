@@ -179,13 +179,13 @@ pub fn merge_with_progress(
             let writing = scope.spawn(move || write_all(writer, base, rx));
             let produced = (|| {
                 for spec in shard {
-                    let payload = match spec.name.strip_suffix(".weight") {
-                        Some(module) if adapter.modules.contains_key(module) => {
+                    let module = spec.name.strip_suffix(".weight");
+                    let payload = match module.and_then(|m| adapter.modules.get(m)) {
+                        Some(m) => {
                             report.merged += 1;
-                            let m = &adapter.modules[module];
                             merge_one(base, spec, m, rounding)?
                         }
-                        _ => {
+                        None => {
                             report.copied += 1;
                             Payload::Copy
                         }
@@ -204,9 +204,12 @@ pub fn merge_with_progress(
                 Ok(())
             })();
             drop(tx);
-            let written = writing
-                .join()
-                .unwrap_or_else(|_| Err(FormatError::Usage("the merge writer panicked".into())));
+            let written = writing.join().unwrap_or_else(|_| {
+                Err(FormatError::Output {
+                    path: path.clone(),
+                    message: "the thread writing it panicked".into(),
+                })
+            });
             produced.and(written)
         });
         outcome?;
