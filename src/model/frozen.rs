@@ -171,23 +171,11 @@ impl CustomOp1 for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_diff;
     use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize]) -> Tensor {
         Tensor::randn(0f64, 1f64, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     #[test]

@@ -548,22 +548,8 @@ pub fn loss_dtype(dtype: DType) -> DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Deterministic values in about [-1.7, 1.7], different for each seed.
     fn var(shape: &[usize], seed: u64) -> Var {

@@ -24,6 +24,8 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 pub mod sampling;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 pub mod weights;
 
