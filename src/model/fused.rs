@@ -21,6 +21,53 @@ use candle_core::{
 };
 
 use super::norm::internal_dtype;
+use super::{fused_cpu, fused_cuda};
+
+/// The one-pass RMSNorm and SwiGLU kernels of [`fused_cuda`] and [`fused_cpu`], picked
+/// by the tensors' device. `usable*` says whether either serves the inputs; the others
+/// call the one for the device (the CPU's unless the tensor is on CUDA). Attention has
+/// its own: the CUDA softmax kernels between candle's products, or the CPU's whole
+/// attention per head (`fused_cpu::attention_forward`).
+mod kernels {
+    use super::{fused_cpu as cpu, fused_cuda as cuda};
+    use candle_core::{Device, Result, Tensor};
+
+    pub fn usable_norm(x: &Tensor, weight: &Tensor) -> bool {
+        cuda::usable_norm(x, weight) || cpu::usable_norm(x, weight)
+    }
+
+    pub fn usable_swiglu(g: &Tensor, u: &Tensor) -> bool {
+        cuda::usable_swiglu(g, u) || cpu::usable_swiglu(g, u)
+    }
+
+    pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        match x.device() {
+            Device::Cuda(_) => cuda::rms_forward(x, w, eps),
+            _ => cpu::rms_forward(x, w, eps),
+        }
+    }
+
+    pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+        match x.device() {
+            Device::Cuda(_) => cuda::rms_backward(x, w, dy, eps),
+            _ => cpu::rms_backward(x, w, dy, eps),
+        }
+    }
+
+    pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        match g.device() {
+            Device::Cuda(_) => cuda::swiglu_forward(g, u),
+            _ => cpu::swiglu_forward(g, u),
+        }
+    }
+
+    pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        match g.device() {
+            Device::Cuda(_) => cuda::swiglu_backward(g, u, dy),
+            _ => cpu::swiglu_backward(g, u, dy),
+        }
+    }
+}
 
 /// The backward of a one-input op: the gradient for `x` given the output's gradient.
 trait Backward1: Send + Sync + 'static {
@@ -269,10 +316,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (b, nh, s, hd) = qd.dims4()?;
+    if fused_cpu::usable_attention(&qd, op.bias.as_ref()) {
+        let out = fused_cpu::attention_forward(&qd, &kd, &vd, op.bias.as_ref(), scale(hd))?;
+        return attach3(q, k, v, out, op);
+    }
     let probs = match op.kernel_bias(&qd) {
         Some(bias) => {
             let scores = op.raw_scores(&qd, &kd)?;
-            super::fused_cuda::softmax_forward(&scores, bias, nh, scale(hd))?
+            fused_cuda::softmax_forward(&scores, bias, nh, scale(hd))?
         }
         None => op.probs(&qd, &kd)?.to_dtype(qd.dtype())?,
     };
@@ -293,7 +344,7 @@ impl AttentionBackward {
     /// The bias, when the CUDA softmax kernels serve this call (`super::fused_cuda`).
     fn kernel_bias(&self, q: &Tensor) -> Option<&Tensor> {
         let bias = self.bias.as_ref()?;
-        super::fused_cuda::usable(q.device(), q.dtype(), Some(bias)).then_some(bias)
+        fused_cuda::usable(q.device(), q.dtype(), Some(bias)).then_some(bias)
     }
 
     /// `q k^T` `[b, kv_heads, groups * s, t]` in the input dtype, unscaled: query head
@@ -334,6 +385,11 @@ impl Backward3 for AttentionBackward {
         let groups = nh / nkv;
         let dtype = q.dtype();
         let scale = scale(hd);
+        if fused_cpu::usable_attention(q, self.bias.as_ref()) {
+            let (dq, dk, dv) =
+                fused_cpu::attention_backward(q, k, v, self.bias.as_ref(), grad, scale)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let q = q.contiguous()?;
         let qf = q.reshape((b, nkv, groups * s, hd))?;
@@ -343,7 +399,7 @@ impl Backward3 for AttentionBackward {
         let (probs, ds) = match self.kernel_bias(&q) {
             Some(bias) => {
                 let scores = self.raw_scores(&q, &k)?;
-                super::fused_cuda::softmax_backward(&scores, bias, &dp, nh, scale)?
+                fused_cuda::softmax_backward(&scores, bias, &dp, nh, scale)?
             }
             None => {
                 let probs = self.probs(&q, &k)?;
@@ -401,11 +457,11 @@ impl Backward1 for RopeBackward {
 /// `silu(gate) * up`, the Llama MLP's activation. On CUDA (f32, bf16) one kernel each way
 /// (`super::fused_cuda`); elsewhere candle's ops, whose own backward is used.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !super::fused_cuda::usable_swiglu(gate, up) {
+    if !kernels::usable_swiglu(gate, up) {
         return gate.silu()? * up;
     }
     let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
-    let out = super::fused_cuda::swiglu_forward(&g, &u)?;
+    let out = kernels::swiglu_forward(&g, &u)?;
     attach2(gate, up, out, SwigluBackward)
 }
 
@@ -416,7 +472,7 @@ impl Backward2 for SwigluBackward {
 
     fn bwd(&self, g: &Tensor, u: &Tensor, grad: &Tensor) -> Result<Grads2> {
         let (g, u, grad) = (g.contiguous()?, u.contiguous()?, grad.contiguous()?);
-        let (dg, du) = super::fused_cuda::swiglu_backward(&g, &u, &grad)?;
+        let (dg, du) = kernels::swiglu_backward(&g, &u, &grad)?;
         Ok((Some(dg), Some(du)))
     }
 }
@@ -429,8 +485,8 @@ impl Backward2 for SwigluBackward {
 /// gradient); the backward keeps only `x` and recomputes the inverse root.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let out = if super::fused_cuda::usable_norm(x, weight) {
-        super::fused_cuda::rms_forward(&x.detach().contiguous()?, weight, eps)?
+    let out = if kernels::usable_norm(x, weight) {
+        kernels::rms_forward(&x.detach().contiguous()?, weight, eps)?
     } else {
         let x32 = x.detach().to_dtype(internal_dtype(dtype))?;
         let inv = rms_inverse(&x32, eps)?;
@@ -462,9 +518,9 @@ impl Backward1 for RmsNormBackward {
     const NAME: &'static str = "taper-rms-norm";
 
     fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        if super::fused_cuda::usable_norm(x, &self.weight) {
+        if kernels::usable_norm(x, &self.weight) {
             let (x, grad) = (x.contiguous()?, grad.contiguous()?);
-            return super::fused_cuda::rms_backward(&x, &self.weight, &grad, self.eps).map(Some);
+            return kernels::rms_backward(&x, &self.weight, &grad, self.eps).map(Some);
         }
         let dtype = x.dtype();
         let x32 = x.to_dtype(internal_dtype(dtype))?;
@@ -489,17 +545,27 @@ impl Backward1 for RmsNormBackward {
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     let (n, _) = logits.dims2()?;
     let x = logits.detach();
-    let labels = labels.detach().unsqueeze(1)?;
-    // log_softmax picked at the label, with the max shift.
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&labels, 1)?.sub(&lse)?.squeeze(1)?;
+    let labels = labels.detach();
+    // log_softmax picked at the label, with the max shift; on the CPU in one pass
+    // (`fused_cpu`), which also keeps each row's log-sum-exp for the backward.
+    let (picked, lse) = if fused_cpu::usable_cross_entropy(&x) {
+        let (picked, lse) = fused_cpu::cross_entropy_forward(&x, &labels)?;
+        (picked, Some(lse))
+    } else {
+        let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let picked = shifted
+            .gather(&labels.unsqueeze(1)?, 1)?
+            .sub(&lse)?
+            .squeeze(1)?;
+        (picked, None)
+    };
     let (loss, row_scale) = match weights {
         None => (picked.mean_all()?.neg()?, None),
         Some(w) => {
             let count = w.sum_all()?;
             let loss = (&picked * w)?.sum_all()?.neg()?.broadcast_div(&count)?;
-            (loss, Some(w.broadcast_div(&count)?.detach().unsqueeze(1)?))
+            (loss, Some(w.broadcast_div(&count)?.detach()))
         }
     };
     attach1(
@@ -509,30 +575,43 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>)
             labels,
             row_scale,
             rows: n,
+            lse,
         },
     )
 }
 
 struct CrossEntropyBackward {
-    /// `[n, 1]` u32.
+    /// `[n]` u32.
     labels: Tensor,
-    /// `[n, 1]`: weight / sum of weights; `None` for `1 / n`.
+    /// `[n]`: weight / sum of weights; `None` for `1 / n`.
     row_scale: Option<Tensor>,
     rows: usize,
+    /// `[n]`: each row's log-sum-exp, when the CPU kernel ran the forward.
+    lse: Option<Tensor>,
 }
 
 impl Backward1 for CrossEntropyBackward {
     const NAME: &'static str = "taper-cross-entropy";
 
     fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.to_dtype(x.dtype())?;
+        if let Some(lse) = &self.lse {
+            // Each row's factor: its share of the mean times the loss's gradient.
+            let k = match &self.row_scale {
+                Some(scale) => scale.broadcast_mul(&grad)?,
+                None => Tensor::full(1.0 / self.rows as f32, self.rows, x.device())?
+                    .broadcast_mul(&grad)?,
+            };
+            return fused_cpu::cross_entropy_backward(x, &self.labels, lse, &k).map(Some);
+        }
         let probs = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
         let minus_one = Tensor::full(-1f64, (self.rows, 1), x.device())?.to_dtype(x.dtype())?;
-        let d = probs.scatter_add(&self.labels, &minus_one, 1)?;
+        let d = probs.scatter_add(&self.labels.unsqueeze(1)?, &minus_one, 1)?;
         let d = match &self.row_scale {
-            Some(scale) => d.broadcast_mul(scale)?,
+            Some(scale) => d.broadcast_mul(&scale.unsqueeze(1)?)?,
             None => (d / self.rows as f64)?,
         };
-        d.broadcast_mul(&grad.to_dtype(x.dtype())?).map(Some)
+        d.broadcast_mul(&grad).map(Some)
     }
 }
 
@@ -633,6 +712,163 @@ mod tests {
                 "gradient is zero"
             );
         }
+    }
+
+    /// `max |a - b| / max |b|`.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        max_diff(a, b) / max_diff(b, &b.zeros_like().unwrap()).max(1e-30)
+    }
+
+    /// An f32 copy of `v` as a new variable.
+    fn f32_var(v: &Var) -> Var {
+        Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()
+    }
+
+    /// The gradient of `sum(y * w)` for each of `xs`.
+    fn grads_of(y: &Tensor, w: &Tensor, xs: &[&Var]) -> Vec<Tensor> {
+        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        xs.iter()
+            .map(|x| g.get(x.as_tensor()).expect("a gradient").clone())
+            .collect()
+    }
+
+    #[test]
+    fn cpu_kernels_match_the_composed_ops_in_f32() {
+        // The f32 CPU path takes `fused_cpu`'s kernels; the composed formulation is
+        // candle's ops. 21 keys and rows of 37 leave tails after the 16-lane sums.
+        let cpu = Device::Cpu;
+        // (batch, kv heads, seq, bias): 2 x 2 query heads a kv head over 21 keys with
+        // left padding; 70 queries a head (140 rows a kv head: two row chunks, so dK and
+        // dV add up across chunks) without a bias, as a decoding step has none.
+        for (b, nkv, n, with_bias) in [(2, 2, 21, true), (1, 2, 70, false)] {
+            let (q, k, v) = (
+                f32_var(&var(&[b, 2 * nkv, n, 8], 21)),
+                f32_var(&var(&[b, nkv, n, 8], 22)),
+                f32_var(&var(&[b, nkv, n, 8], 23)),
+            );
+            let mut real = vec![1u8; b * n];
+            real[(b - 1) * n..(b - 1) * n + 3].fill(0); // left padding in the last row
+            let mask = Tensor::from_vec(real, (b, n), &cpu).unwrap();
+            let bias =
+                super::super::mask::attention_bias(b, n, Some(&mask), DType::F32, &cpu).unwrap();
+            let bias = with_bias.then_some(&bias);
+            assert!(fused_cpu::usable_attention(q.as_tensor(), bias));
+            let w = f32_var(&var(&[b, 2 * nkv, n, 8], 24));
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), bias).unwrap();
+            let want = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), bias);
+            let d = rel_diff(&ours, &want);
+            assert!(d < 1e-6, "attention {d}");
+            let g1 = grads_of(&ours, w.as_tensor(), &[&q, &k, &v]);
+            let g2 = grads_of(&want, w.as_tensor(), &[&q, &k, &v]);
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!(
+                    rel_diff(a, b) < 1e-5,
+                    "attention gradient {}",
+                    rel_diff(a, b)
+                );
+            }
+        }
+
+        let x = f32_var(&var(&[3, 5, 37], 25));
+        let nw = var(&[37], 26).as_tensor().to_dtype(DType::F32).unwrap();
+        assert!(fused_cpu::usable_norm(x.as_tensor(), &nw));
+        let ours = rms_norm(x.as_tensor(), &nw, 1e-5).unwrap();
+        let t = x.as_tensor();
+        let inv = rms_inverse(t, 1e-5).unwrap();
+        let want = t.broadcast_mul(&inv).unwrap().broadcast_mul(&nw).unwrap();
+        assert!(
+            rel_diff(&ours, &want) < 1e-6,
+            "rms norm {}",
+            rel_diff(&ours, &want)
+        );
+        let dy = f32_var(&var(&[3, 5, 37], 27));
+        let (a, b) = (
+            &grads_of(&ours, dy.as_tensor(), &[&x])[0],
+            &grads_of(&want, dy.as_tensor(), &[&x])[0],
+        );
+        assert!(
+            rel_diff(a, b) < 1e-5,
+            "rms norm gradient {}",
+            rel_diff(a, b)
+        );
+
+        // Gates out to +-10 reach both tails of the sigmoid.
+        let gate = Var::from_tensor(
+            &(var(&[3, 7, 50], 28).as_tensor() * 6.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
+        let up = f32_var(&var(&[3, 7, 50], 29));
+        assert!(fused_cpu::usable_swiglu(gate.as_tensor(), up.as_tensor()));
+        let ours = swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
+        let want = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+        assert!(
+            rel_diff(&ours, &want) < 1e-6,
+            "swiglu {}",
+            rel_diff(&ours, &want)
+        );
+        let dy = f32_var(&var(&[3, 7, 50], 30));
+        let g1 = grads_of(&ours, dy.as_tensor(), &[&gate, &up]);
+        let g2 = grads_of(&want, dy.as_tensor(), &[&gate, &up]);
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!(rel_diff(a, b) < 1e-5, "swiglu gradient {}", rel_diff(a, b));
+        }
+
+        let logits = Var::from_tensor(
+            &(var(&[6, 37], 31).as_tensor() * 4.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
+        let labels = Tensor::new(&[0u32, 3, 36, 5, 5, 17], &cpu).unwrap();
+        let weights = Tensor::new(&[1f32, 0., 1., 1., 0., 1.], &cpu).unwrap();
+        assert!(fused_cpu::usable_cross_entropy(logits.as_tensor()));
+        for weights in [None, Some(&weights)] {
+            let ours = cross_entropy(logits.as_tensor(), &labels, weights).unwrap();
+            let lp = candle_nn::ops::log_softmax(logits.as_tensor(), 1).unwrap();
+            let picked = lp
+                .gather(&labels.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            let want = match weights {
+                None => picked.mean_all().unwrap().neg().unwrap(),
+                Some(w) => (picked * w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .neg()
+                    .unwrap()
+                    .broadcast_div(&w.sum_all().unwrap())
+                    .unwrap(),
+            };
+            assert!(
+                rel_diff(&ours, &want) < 1e-6,
+                "cross-entropy {}",
+                rel_diff(&ours, &want)
+            );
+            let three = Tensor::new(3f32, &cpu).unwrap();
+            let (a, b) = (
+                &grads_of(&ours, &three, &[&logits])[0],
+                &grads_of(&want, &three, &[&logits])[0],
+            );
+            assert!(
+                rel_diff(a, b) < 1e-5,
+                "cross-entropy gradient {}",
+                rel_diff(a, b)
+            );
+        }
+        let bad = Tensor::new(&[0u32, 3, 37, 5, 5, 17], &cpu).unwrap();
+        let err = cross_entropy(logits.as_tensor(), &bad, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("label 37 is outside the vocabulary of 37"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod frozen;
 pub mod fused;
+pub mod fused_cpu;
 pub mod fused_cuda;
 pub mod generate;
 pub mod inspect;

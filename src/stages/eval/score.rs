@@ -126,6 +126,15 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tenso
         DType::F32
     };
     let logits = logits.to_dtype(dtype)?;
+    if crate::model::fused_cpu::usable_cross_entropy(&logits.flatten_to(1)?) {
+        // One pass a row on the CPU (max, exp-sum, pick), without the shifted copy.
+        let (b, s, v) = logits.dims3()?;
+        let (picked, _) = crate::model::fused_cpu::cross_entropy_forward(
+            &logits.reshape((b * s, v))?,
+            &targets.flatten_all()?,
+        )?;
+        return picked.neg()?.reshape((b, s));
+    }
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -1,0 +1,934 @@
+//! CPU kernels for the element-wise work around the matrix products: the attention
+//! softmax (forward and backward), RMSNorm, SwiGLU and the cross-entropy, one pass over
+//! the data each, f32 only.
+//!
+//! Built of candle ops, this work is a dozen passes over each tensor (scale, add the
+//! mask, softmax; in the backward the recomputation, `P * dP`, the row sums, the
+//! subtraction and the scale), every one a fresh allocation, with glibc's scalar `expf`
+//! (whose underflow path is slow on the `-1e9` of the mask) for the exponentials. A
+//! `perf` profile of a CPU training step put about 40 % of the time there, against 45 %
+//! in the matrix products (BENCHMARKS.md, "train (CPU)"). These kernels are the CUDA
+//! kernels of [`super::fused_cuda`] written for the CPU: rows split over rayon's
+//! threads, the inner loops compiled for AVX-512 or AVX2 when the CPU has them (chosen at
+//! run time) and vectorised, and [`exp`] a polynomial that vectorises with them.
+//!
+//! Results do not depend on the instruction set: the inner loops use plain IEEE
+//! additions and multiplications (Rust never fuses them into FMAs), and every row sum
+//! runs over the same [`LANES`] partial sums in the same order. So a CPU training run is
+//! bit-reproducible on any x86-64 machine, as the resume test requires.
+
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Partial sums per row reduction: 16 f32 lanes, one AVX-512 register.
+const LANES: usize = 16;
+
+/// Elements a rayon task should have at least, so that splitting pays for itself.
+const TASK_ELEMENTS: usize = 1 << 14;
+
+/// Whether the RMSNorm kernels can serve `x` with `weight`.
+pub fn usable_norm(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && weight.rank() == 1
+}
+
+/// Whether the SwiGLU kernels can serve `g` and `u`.
+pub fn usable_swiglu(g: &Tensor, u: &Tensor) -> bool {
+    g.device().is_cpu()
+        && g.dtype() == DType::F32
+        && u.dtype() == DType::F32
+        && u.dims() == g.dims()
+}
+
+/// Whether the cross-entropy kernels can serve `logits` `[n, vocab]`.
+pub fn usable_cross_entropy(logits: &Tensor) -> bool {
+    logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.rank() == 2
+}
+
+// ---------------------------------------------------------------------------------------
+// Element and row primitives, inlined into the multiversioned loops below.
+
+/// `e^x` to about 1 ulp (Cephes' `expf` polynomial after a Cody-Waite reduction), in
+/// operations that vectorise. `x > 88` gives `inf`, `x < -87` gives 0 (where the exact
+/// result is subnormal), NaN gives NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = if x > 88.0 { 88.0 } else { x };
+    let xc = if xc < -87.0 { -87.0 } else { xc };
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = (p * r) * r + r + 1.0;
+    // n is an integer in [-126, 127], so 2^n is a normal float: n + 127 + 2^23 holds
+    // n + 127 in its low mantissa bits, and shifting them into the exponent field gives
+    // 2^n. (Bit operations vectorise; a saturating `as i32` would not.)
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    let y = y * scale;
+    let y = if x > 88.0 { f32::INFINITY } else { y };
+    let y = if x < -87.0 { 0.0 } else { y };
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+/// `sum(f(a[i], b[i], c[i]))` over [`LANES`] partial sums added in a fixed order (lane
+/// `i % LANES` takes element `i`); the slices have one length.
+#[inline(always)]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len();
+    let full = n - n % LANES;
+    let chunks = a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES));
+    for ((ca, cb), cc) in chunks.zip(c[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += f(ca[l], cb[l], cc[l]);
+        }
+    }
+    for i in full..n {
+        acc[i - full] += f(a[i], b[i], c[i]);
+    }
+    acc.iter().fold(0.0, |s, a| s + a)
+}
+
+/// `sum(a)`, as [`lane_sum3`] adds.
+#[inline(always)]
+fn lane_sum(a: &[f32]) -> f32 {
+    lane_sum3(a, a, a, |x, _, _| x)
+}
+
+/// `sum(a * b)`, as [`lane_sum3`] adds.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    lane_sum3(a, b, b, |x, y, _| x * y)
+}
+
+/// The largest of `xs` (`-inf` when empty); NaNs are skipped (they propagate through
+/// the exponentials instead).
+#[inline(always)]
+fn row_max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = if v > *a { v } else { *a };
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &a| if a > m { a } else { m })
+}
+
+/// Writes `e^(z - max)` over `z` in place and returns their sum.
+#[inline(always)]
+fn exp_shifted(z: &mut [f32]) -> f32 {
+    let m = row_max(z);
+    for v in z.iter_mut() {
+        *v = exp(*v - m);
+    }
+    lane_sum(z)
+}
+
+/// `1 / sqrt(mean(x^2) + eps)`.
+#[inline(always)]
+fn rms_inverse(x: &[f32], eps: f32) -> f32 {
+    let sq = lane_dot(x, x);
+    1.0 / (sq / x.len() as f32 + eps).sqrt()
+}
+
+// ---------------------------------------------------------------------------------------
+// Multiversioned loops: each body is compiled three times (AVX-512, AVX2 + FMA, and the
+// build's baseline) and the best the CPU runs is picked at run time.
+
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU has every feature `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has every feature `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    fn rms_rows(x: &[f32], w: &[f32], y: &mut [f32], eps: f32) {
+        let h = w.len();
+        for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let inv = rms_inverse(xr, eps);
+            for ((yj, &xj), &wj) in yr.iter_mut().zip(xr).zip(w) {
+                *yj = (xj * inv) * wj;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn rms_backward_rows(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+        let h = w.len();
+        for (i, dxr) in dx.chunks_exact_mut(h).enumerate() {
+            let (xr, dyr) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h]);
+            let inv = rms_inverse(xr, eps);
+            // dx = (g - n * mean(g * n)) * inv with n = x * inv and g = dy * w.
+            let dot = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * (x * inv));
+            let mean = dot / h as f32;
+            for (j, d) in dxr.iter_mut().enumerate() {
+                *d = (dyr[j] * w[j] - xr[j] * inv * mean) * inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_elements(g: &[f32], u: &[f32], y: &mut [f32]) {
+        for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
+            *yj = (gj / (1.0 + exp(-gj))) * uj;
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_backward_elements(
+        g: &[f32],
+        u: &[f32],
+        dy: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32],
+    ) {
+        for (j, (dgj, duj)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+            let (gj, dyj) = (g[j], dy[j]);
+            let sg = 1.0 / (1.0 + exp(-gj));
+            *duj = dyj * (gj * sg);
+            *dgj = (dyj * u[j]) * (sg * (1.0 + gj * (1.0 - sg)));
+        }
+    }
+}
+
+multiversion! {
+    /// Per row: the log-sum-exp (into `lse`) and the log-probability of the label (into
+    /// `picked`). `scratch` holds one row.
+    fn cross_entropy_rows(
+        x: &[f32],
+        labels: &[u32],
+        picked: &mut [f32],
+        lse: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let v = scratch.len();
+        for (i, xr) in x.chunks_exact(v).enumerate() {
+            let m = row_max(xr);
+            for (z, &xj) in scratch.iter_mut().zip(xr) {
+                *z = exp(xj - m);
+            }
+            let sum = lane_sum(scratch);
+            let l = m + sum.ln();
+            lse[i] = l;
+            picked[i] = xr[labels[i] as usize] - l;
+        }
+    }
+}
+
+multiversion! {
+    /// `d = (softmax(x) - one_hot(label)) * k` per row, with `softmax = e^(x - lse)`.
+    fn cross_entropy_backward_rows(
+        x: &[f32],
+        labels: &[u32],
+        lse: &[f32],
+        k: &[f32],
+        d: &mut [f32],
+        v: usize,
+    ) {
+        for (i, dr) in d.chunks_exact_mut(v).enumerate() {
+            let (xr, l, ki) = (&x[i * v..(i + 1) * v], lse[i], k[i]);
+            for (dj, &xj) in dr.iter_mut().zip(xr) {
+                *dj = exp(xj - l) * ki;
+            }
+            dr[labels[i] as usize] -= ki;
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of attention scores `z` (`t` wide) in place: `softmax(z * scale + bias)`,
+    /// where row `i` reads row `(first + i) % s` of `bias` (one batch's `[s, t]`).
+    fn softmax_block(z: &mut [f32], t: usize, first: usize, s: usize, bias: Option<&[f32]>, scale: f32) {
+        for (i, zr) in z.chunks_exact_mut(t).enumerate() {
+            match bias {
+                Some(bias) => {
+                    let q = (first + i) % s;
+                    for (zj, &bj) in zr.iter_mut().zip(&bias[q * t..(q + 1) * t]) {
+                        *zj = *zj * scale + bj;
+                    }
+                }
+                None => {
+                    for zj in zr.iter_mut() {
+                        *zj *= scale;
+                    }
+                }
+            }
+            let sum = exp_shifted(zr);
+            for zj in zr.iter_mut() {
+                *zj /= sum;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dP` into `dS = P * (dP - sum(P * dP)) * scale`, in place, row by row.
+    fn softmax_grad_block(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+        for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let dot = lane_dot(pr, dr);
+            for (d, &pj) in dr.iter_mut().zip(pr) {
+                *d = pj * (*d - dot) * scale;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-level entry points, the same as `fused_cuda`'s.
+
+/// Runs `f` on the elements of a CPU f32 tensor, made contiguous first if need be.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => f(&v[start..end]),
+        _ => candle_core::bail!(
+            "cpu kernel: expected an f32 tensor on the CPU, got {:?}",
+            t.dtype()
+        ),
+    }
+}
+
+/// The same for a u32 tensor.
+fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::U32(v)) => f(&v[start..end]),
+        _ => candle_core::bail!(
+            "cpu kernel: expected u32 labels on the CPU, got {:?}",
+            t.dtype()
+        ),
+    }
+}
+
+/// Rows of `width` a rayon task takes: at least [`TASK_ELEMENTS`] elements' worth.
+fn rows_per_task(width: usize) -> usize {
+    TASK_ELEMENTS.div_ceil(width.max(1)).max(1)
+}
+
+/// Checks `weight` `[h]` against `x` `[..., h]` and returns `h`.
+fn norm_width(x: &Tensor, weight: &Tensor) -> Result<usize> {
+    let h = weight.dim(0)?;
+    if x.dims().last() != Some(&h) || h == 0 {
+        candle_core::bail!(
+            "rms norm: weight {:?} for input {:?}",
+            weight.dims(),
+            x.dims()
+        )
+    }
+    Ok(h)
+}
+
+/// RMSNorm of `x` with weight `w`, as `fused::rms_norm`.
+pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = norm_width(x, w)?;
+    let mut y = vec![0f32; x.elem_count()];
+    with_f32(x, |xs| {
+        with_f32(w, |w| {
+            let task = rows_per_task(h) * h;
+            y.par_chunks_mut(task)
+                .zip(xs.par_chunks(task))
+                .for_each(|(yc, xc)| rms_rows(xc, w, yc, eps as f32));
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(y, x.shape(), x.device())
+}
+
+/// The input gradient of [`rms_forward`] given the output's gradient `dy`.
+pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = norm_width(x, w)?;
+    if dy.dims() != x.dims() {
+        candle_core::bail!(
+            "rms norm: gradient {:?} for input {:?}",
+            dy.dims(),
+            x.dims()
+        )
+    }
+    let mut dx = vec![0f32; x.elem_count()];
+    with_f32(x, |xs| {
+        with_f32(w, |w| {
+            with_f32(dy, |dys| {
+                let task = rows_per_task(h) * h;
+                dx.par_chunks_mut(task)
+                    .zip(xs.par_chunks(task).zip(dys.par_chunks(task)))
+                    .for_each(|(dxc, (xc, dyc))| rms_backward_rows(xc, w, dyc, dxc, eps as f32));
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(dx, x.shape(), x.device())
+}
+
+/// `silu(g) * u` of equal-shaped `g` and `u`.
+pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        candle_core::bail!("swiglu: inputs of shapes {:?} and {:?}", g.dims(), u.dims())
+    }
+    let mut y = vec![0f32; g.elem_count()];
+    with_f32(g, |gs| {
+        with_f32(u, |us| {
+            y.par_chunks_mut(TASK_ELEMENTS)
+                .zip(
+                    gs.par_chunks(TASK_ELEMENTS)
+                        .zip(us.par_chunks(TASK_ELEMENTS)),
+                )
+                .for_each(|(yc, (gc, uc))| swiglu_elements(gc, uc, yc));
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(y, g.shape(), g.device())
+}
+
+/// The gradients of [`swiglu_forward`] for `g` and `u`, given the output's `dy`.
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if g.dims() != u.dims() || dy.dims() != g.dims() {
+        candle_core::bail!("swiglu: inputs of different shapes")
+    }
+    let n = g.elem_count();
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    with_f32(g, |gs| {
+        with_f32(u, |us| {
+            with_f32(dy, |dys| {
+                let c = TASK_ELEMENTS;
+                dg.par_chunks_mut(c)
+                    .zip(du.par_chunks_mut(c))
+                    .zip(
+                        gs.par_chunks(c)
+                            .zip(us.par_chunks(c))
+                            .zip(dys.par_chunks(c)),
+                    )
+                    .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+                        swiglu_backward_elements(gc, uc, dyc, dgc, duc)
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Ok((
+        Tensor::from_vec(dg, g.shape(), g.device())?,
+        Tensor::from_vec(du, g.shape(), g.device())?,
+    ))
+}
+
+/// Checks u32 `labels` `[n]` against `logits` `[n, vocab]`.
+fn check_labels(labels: &[u32], n: usize, vocab: usize) -> Result<()> {
+    if labels.len() != n {
+        candle_core::bail!("cross-entropy: {} labels for {n} rows", labels.len())
+    }
+    match labels.iter().find(|&&l| l as usize >= vocab) {
+        Some(l) => {
+            candle_core::bail!("cross-entropy: label {l} is outside the vocabulary of {vocab}")
+        }
+        None => Ok(()),
+    }
+}
+
+/// Per row of `logits` `[n, vocab]`: the log-probability of `labels[i]` (u32 `[n]`) and
+/// the log-sum-exp, both `[n]`.
+pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, vocab) = logits.dims2()?;
+    let (mut picked, mut lse) = (vec![0f32; n], vec![0f32; n]);
+    with_f32(logits, |x| {
+        with_u32(labels, |labels| {
+            check_labels(labels, n, vocab)?;
+            let rows = rows_per_task(vocab);
+            picked
+                .par_chunks_mut(rows)
+                .zip(lse.par_chunks_mut(rows))
+                .zip(x.par_chunks(rows * vocab).zip(labels.par_chunks(rows)))
+                .for_each_init(
+                    || vec![0f32; vocab],
+                    |scratch, ((pc, lc), (xc, labc))| cross_entropy_rows(xc, labc, pc, lc, scratch),
+                );
+            Ok(())
+        })
+    })?;
+    let dev = logits.device();
+    Ok((
+        Tensor::from_vec(picked, n, dev)?,
+        Tensor::from_vec(lse, n, dev)?,
+    ))
+}
+
+/// The gradient of the loss for `logits`: `(softmax - one_hot(label)) * k[i]` per row,
+/// with the log-sum-exp `lse` from [`cross_entropy_forward`] and `k` `[n]` each row's
+/// factor (its weight in the mean times the loss's gradient).
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    labels: &Tensor,
+    lse: &Tensor,
+    k: &Tensor,
+) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    let mut d = vec![0f32; n * vocab];
+    with_f32(logits, |x| {
+        with_u32(labels, |labels| {
+            check_labels(labels, n, vocab)?;
+            with_f32(lse, |lse| {
+                with_f32(k, |k| {
+                    let rows = rows_per_task(vocab);
+                    d.par_chunks_mut(rows * vocab)
+                        .zip(x.par_chunks(rows * vocab))
+                        .zip(
+                            labels
+                                .par_chunks(rows)
+                                .zip(lse.par_chunks(rows))
+                                .zip(k.par_chunks(rows)),
+                        )
+                        .for_each(|((dc, xc), ((lc, sc), kc))| {
+                            cross_entropy_backward_rows(xc, lc, sc, kc, dc, vocab)
+                        });
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(d, (n, vocab), logits.device())
+}
+
+/// A matrix operand: its elements, row stride and column stride.
+type Operand<'a> = (&'a [f32], usize, usize);
+
+/// `dst = lhs * rhs` (`m x k` times `k x n`), or `dst += lhs * rhs` when `accumulate`;
+/// `dst` is row-major with row stride `dst_rs`. On gemm's kernels, single-threaded unless
+/// `threads > 1`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand is read or written at, inside its slice: the
+    // pointers below stay in bounds.
+    assert!((m - 1) * dst_rs + n <= dst.len(), "matmul: dst too short");
+    if k > 0 {
+        assert!(
+            (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
+            "matmul: lhs too short"
+        );
+        assert!(
+            (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
+            "matmul: rhs too short"
+        );
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of the m x n, m x k and k x n
+    // operands, at these strides, inside the slices; `dst` is borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Query rows a forward task takes, and the backward's row chunk: the scores of a chunk
+/// (`ROW_CHUNK x t`) stay in the core's cache between the products and the softmax.
+const ROW_CHUNK: usize = 128;
+
+/// The shape of one attention call: `q` `[b, heads, s, hd]`, `k`, `v` `[b, kv_heads, t,
+/// hd]`, an optional bias `[1 or b, 1, s, t]`.
+struct AttnShape {
+    b: usize,
+    nkv: usize,
+    /// Query heads per kv head; a kv head's queries are `groups * s` rows of `q`.
+    groups: usize,
+    s: usize,
+    t: usize,
+    hd: usize,
+    bias_per_batch: bool,
+}
+
+impl AttnShape {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let (kb, nkv, t, khd) = k.dims4()?;
+        if kb != b || khd != hd || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
+        }
+        let bias_per_batch = match bias.map(Tensor::dims) {
+            None => false,
+            Some(&[bb, 1, bs, bt]) if bs == s && bt == t && (bb == 1 || bb == b) => {
+                bb == b && b > 1
+            }
+            Some(d) => candle_core::bail!("attention: bias {d:?} for scores [{b}, {nh}, {s}, {t}]"),
+        };
+        Ok(Self {
+            b,
+            nkv,
+            groups: nh / nkv,
+            s,
+            t,
+            hd,
+            bias_per_batch,
+        })
+    }
+
+    /// The `[s, t]` bias of batch `bi`.
+    fn bias_of<'a>(&self, bias: Option<&'a [f32]>, bi: usize) -> Option<&'a [f32]> {
+        let n = self.s * self.t;
+        let bi = if self.bias_per_batch { bi } else { 0 };
+        bias.map(|b| &b[bi * n..(bi + 1) * n])
+    }
+
+    /// Rows of queries per kv head, and the gemm threads per task: 1 when there are
+    /// enough (batch, kv head) tasks to keep every thread busy.
+    fn rows(&self) -> usize {
+        self.groups * self.s
+    }
+
+    fn threads_per_task(&self, tasks: usize) -> usize {
+        let threads = rayon::current_num_threads();
+        if tasks >= threads {
+            1
+        } else {
+            threads
+        }
+    }
+}
+
+/// Runs `f` on the elements of an optional bias.
+fn with_bias<R>(bias: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+    match bias {
+        Some(b) => with_f32(b, |b| f(Some(b))),
+        None => f(None),
+    }
+}
+
+/// Whether [`attention_forward`] and [`attention_backward`] serve these inputs.
+pub fn usable_attention(q: &Tensor, bias: Option<&Tensor>) -> bool {
+    q.device().is_cpu()
+        && q.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32 && b.rank() == 4)
+}
+
+/// Scaled dot-product attention `softmax(q k^T * scale + bias) v`, grouped-query, as
+/// `fused::attention`; returns `[b, heads, s, hd]`. Each task takes up to
+/// [`ROW_CHUNK`] query rows of one (batch, kv head): scores, softmax and the product with
+/// `v` run on a buffer that stays in cache, and the probabilities are never stored.
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let g = AttnShape::of(q, k, v, bias)?;
+    let (rows, t, hd) = (g.rows(), g.t, g.hd);
+    let mut out = vec![0f32; q.elem_count()];
+    if out.is_empty() || t == 0 {
+        return Tensor::from_vec(out, q.shape(), q.device());
+    }
+    let tasks = g.b * g.nkv * rows.div_ceil(ROW_CHUNK);
+    let threads = g.threads_per_task(tasks);
+    with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                with_bias(bias, |bias| {
+                    out.par_chunks_mut(rows * hd)
+                        .enumerate()
+                        .for_each(|(blk, ob)| {
+                            let bias = g.bias_of(bias, blk / g.nkv);
+                            let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
+                            let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
+                            let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
+                            ob.par_chunks_mut(ROW_CHUNK * hd)
+                                .enumerate()
+                                .for_each(|(c, oc)| {
+                                    let r = oc.len() / hd;
+                                    let qc = &qb[c * ROW_CHUNK * hd..c * ROW_CHUNK * hd + r * hd];
+                                    let mut z = vec![0f32; r * t];
+                                    matmul(
+                                        (r, t, hd),
+                                        &mut z,
+                                        t,
+                                        false,
+                                        (qc, hd, 1),
+                                        (kb, 1, hd),
+                                        threads,
+                                    );
+                                    softmax_block(
+                                        &mut z,
+                                        t,
+                                        c * ROW_CHUNK,
+                                        g.s,
+                                        bias,
+                                        scale as f32,
+                                    );
+                                    matmul(
+                                        (r, hd, t),
+                                        oc,
+                                        hd,
+                                        false,
+                                        (&z, t, 1),
+                                        (vb, hd, 1),
+                                        threads,
+                                    );
+                                });
+                        });
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(out, q.shape(), q.device())
+}
+
+/// The gradients of [`attention_forward`] for `q`, `k` and `v` given the output's `dout`.
+/// One task per (batch, kv head), over its query rows in chunks of [`ROW_CHUNK`]: the
+/// probabilities are recomputed, and `dK`, `dV` summed over the chunks in order.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    dout: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = AttnShape::of(q, k, v, bias)?;
+    if dout.dims() != q.dims() {
+        candle_core::bail!(
+            "attention: gradient {:?} for output {:?}",
+            dout.dims(),
+            q.dims()
+        )
+    }
+    let (rows, t, hd) = (g.rows(), g.t, g.hd);
+    let mut dq = vec![0f32; q.elem_count()];
+    let (mut dk, mut dv) = (vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+    if !dq.is_empty() && t > 0 {
+        let threads = g.threads_per_task(g.b * g.nkv);
+        let scale = scale as f32;
+        with_f32(q, |qs| {
+            with_f32(k, |ks| {
+                with_f32(v, |vs| {
+                    with_f32(dout, |dos| {
+                        with_bias(bias, |bias| {
+                            dq.par_chunks_mut(rows * hd)
+                                .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
+                                .enumerate()
+                                .for_each(|(blk, (dqb, (dkb, dvb)))| {
+                                    let bias = g.bias_of(bias, blk / g.nkv);
+                                    let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
+                                    let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
+                                    let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
+                                    let dob = &dos[blk * rows * hd..(blk + 1) * rows * hd];
+                                    let chunk = ROW_CHUNK.min(rows);
+                                    let (mut p, mut ds) =
+                                        (vec![0f32; chunk * t], vec![0f32; chunk * t]);
+                                    for (c, r0) in (0..rows).step_by(ROW_CHUNK).enumerate() {
+                                        let r = ROW_CHUNK.min(rows - r0);
+                                        let (p, ds) = (&mut p[..r * t], &mut ds[..r * t]);
+                                        let span = r0 * hd..(r0 + r) * hd;
+                                        let (qc, doc) = (&qb[span.clone()], &dob[span.clone()]);
+                                        // P, recomputed.
+                                        matmul(
+                                            (r, t, hd),
+                                            p,
+                                            t,
+                                            false,
+                                            (qc, hd, 1),
+                                            (kb, 1, hd),
+                                            threads,
+                                        );
+                                        softmax_block(p, t, r0, g.s, bias, scale);
+                                        // dP = dO v^T, then dS in place.
+                                        matmul(
+                                            (r, t, hd),
+                                            ds,
+                                            t,
+                                            false,
+                                            (doc, hd, 1),
+                                            (vb, 1, hd),
+                                            threads,
+                                        );
+                                        softmax_grad_block(p, ds, t, scale);
+                                        let acc = c > 0;
+                                        // dV += P^T dO; dK += dS^T q; dQ = dS k.
+                                        matmul(
+                                            (t, hd, r),
+                                            dvb,
+                                            hd,
+                                            acc,
+                                            (p, 1, t),
+                                            (doc, hd, 1),
+                                            threads,
+                                        );
+                                        matmul(
+                                            (t, hd, r),
+                                            dkb,
+                                            hd,
+                                            acc,
+                                            (ds, 1, t),
+                                            (qc, hd, 1),
+                                            threads,
+                                        );
+                                        matmul(
+                                            (r, hd, t),
+                                            &mut dqb[span],
+                                            hd,
+                                            false,
+                                            (ds, t, 1),
+                                            (kb, hd, 1),
+                                            threads,
+                                        );
+                                    }
+                                });
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        })?;
+    }
+    let dev = q.device();
+    Ok((
+        Tensor::from_vec(dq, q.shape(), dev)?,
+        Tensor::from_vec(dk, k.shape(), dev)?,
+        Tensor::from_vec(dv, v.shape(), dev)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_and_keeps_the_special_values() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_37;
+        }
+        // f32's epsilon is 1.19e-7: two ulp at most.
+        assert!(worst < 2.4e-7, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-1e9), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn multiversioned_loops_give_the_same_bits_as_the_baseline() {
+        // The dispatch picks AVX-512 or AVX2 here when the CPU has them; the baseline
+        // `imp` of the same body must agree bit for bit (no FMA contraction, same lane
+        // order), or CPU runs would not reproduce across machines.
+        let g: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let u: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut fast = vec![0f32; 1000];
+        swiglu_elements(&g, &u, &mut fast);
+        let slow: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&gj, &uj)| (gj / (1.0 + exp(-gj))) * uj)
+            .collect();
+        assert_eq!(fast, slow);
+        let sum = lane_sum(&g);
+        let mut acc = [0f32; LANES];
+        for (i, v) in g.iter().enumerate() {
+            acc[i % LANES] += v;
+        }
+        assert_eq!(sum, acc.iter().fold(0.0, |s, a| s + a));
+    }
+}
