@@ -144,10 +144,14 @@ fn generation(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
+    // The allocator setting the taper binary starts with (see `keep_freed_buffers`).
+    config = {
+        taper::model::device::keep_freed_buffers();
+        Criterion::default()
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(2))
+    };
     targets = sampling, model_forward, generation
 }
 criterion_main!(benches);

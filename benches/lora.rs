@@ -111,6 +111,8 @@ fn lora_forward_backward(c: &mut Criterion) {
     let x = Var::from_tensor(&randn(&[BATCH, SEQ, 2048])).unwrap();
     let x = x.as_tensor();
     let (layer, vars) = lora_layer(2048, 16, true);
+    // The layer as taper runs it: on the CPU in f32 one fused op (`fused::lora_linear`),
+    // whose backward skips the frozen weight's gradient as the frozen-linear op does.
     group.bench_function("frozen_op", |b| {
         b.iter(|| {
             let grads = layer
@@ -157,10 +159,14 @@ fn model_forward(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
+    // The allocator setting the taper binary starts with (see `keep_freed_buffers`).
+    config = {
+        taper::model::device::keep_freed_buffers();
+        Criterion::default()
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(2))
+    };
     targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, model_forward
 }
 criterion_main!(benches);

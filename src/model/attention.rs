@@ -9,7 +9,7 @@
 //! [`Attention::forward_cached`] is the incremental path: it appends the new keys and
 //! values to a [`LayerCache`] and attends over all cached positions.
 
-use candle_core::{ModuleT, Tensor, D};
+use candle_core::{ModuleT, Tensor};
 
 use super::fused;
 
@@ -128,11 +128,9 @@ impl Attention {
     }
 }
 
-/// Differentiable softmax over the last dimension (the max shift is a constant).
+/// Differentiable softmax over the last dimension: [`super::fused::softmax_last_dim`].
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    super::fused::softmax_last_dim(x)
 }
 
 #[cfg(test)]
@@ -148,7 +146,33 @@ mod tests {
         let diff = (&ours - &fused).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
         let w = Tensor::randn(0f32, 1., (4, 7), &Device::Cpu).unwrap();
-        let grads = (ours * w).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(x.as_tensor()).is_some());
+        let grads = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        // d/dx sum(softmax(x) * w) = p * (w - sum(p * w)), row by row.
+        let p = ours.to_vec2::<f32>().unwrap();
+        let wv = w.to_vec2::<f32>().unwrap();
+        let got = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        for ((pr, wr), gr) in p.iter().zip(&wv).zip(&got) {
+            let dot: f32 = pr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            for ((pj, wj), gj) in pr.iter().zip(wr).zip(gr) {
+                assert!(
+                    (pj * (wj - dot) - gj).abs() < 1e-6,
+                    "{gj} against {}",
+                    pj * (wj - dot)
+                );
+            }
+        }
+        // f64 takes candle's ops: the same values.
+        let x64 = x.as_tensor().to_dtype(candle_core::DType::F64).unwrap();
+        let composed = softmax_last_dim(&x64)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let diff = (&ours - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

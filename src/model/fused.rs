@@ -420,6 +420,88 @@ impl Backward3 for AttentionBackward {
 }
 
 // ---------------------------------------------------------------------------------------
+// LoRA linear
+
+/// `x W^T (+ bias) + scale (x A^T) B^T` over the last dimension of `x`, for a frozen `W`
+/// `[out, in]` and trainable `A` `[r, in]`, `B` `[out, r]`, in one op on the CPU
+/// ([`fused_cpu::lora_forward`]: the update is added by the second product, no
+/// element-wise passes). `None` where that does not serve (other devices or dtypes);
+/// the caller then composes it. Without dropout only: the branch reads `x` itself.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !fused_cpu::usable_lora(x, w, a, b) || bias.is_some_and(|b| b.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    let Some((&i, lead)) = dims.split_last() else {
+        return Ok(None);
+    };
+    let x2 = x.reshape((lead.iter().product::<usize>(), i))?;
+    let out = fused_cpu::lora_forward(&x2.detach(), w, bias, &a.detach(), &b.detach(), scale)?;
+    let op = LoraBackward {
+        weight: w.detach(),
+        scale,
+        need_dx: x2.track_op(),
+    };
+    let y = attach3(&x2, a, b, out, op)?;
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
+    y.reshape(shape).map(Some)
+}
+
+struct LoraBackward {
+    weight: Tensor,
+    scale: f64,
+    /// Whether the input needs its gradient (it does below any other trainable layer).
+    need_dx: bool,
+}
+
+impl Backward3 for LoraBackward {
+    const NAME: &'static str = "taper-lora-linear";
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        let (dx, da, db) =
+            fused_cpu::lora_backward(x, &self.weight, a, b, grad, self.scale, self.need_dx)?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax
+
+/// Softmax over the last dimension, differentiable. f32 on the CPU runs
+/// [`fused_cpu::softmax_forward`] (one pass a row, vectorised `exp`) with its backward
+/// `p * (g - sum(p * g))`; elsewhere candle's ops with the max shift as a constant.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused_cpu::usable_softmax(x) {
+        let p = fused_cpu::softmax_forward(&x.detach())?;
+        return attach1(x, p.clone(), SoftmaxBackward { p });
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+struct SoftmaxBackward {
+    /// The forward's output.
+    p: Tensor,
+}
+
+impl Backward1 for SoftmaxBackward {
+    const NAME: &'static str = "taper-softmax";
+
+    fn bwd(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fused_cpu::softmax_backward(&self.p, grad).map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Rotary embedding
 
 /// Rotary position embedding of `x` `[b, heads, s, hd]` with `cos`/`sin` tables
@@ -868,6 +950,80 @@ mod tests {
         assert!(
             err.contains("label 37 is outside the vocabulary of 37"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_layer_in_f32() {
+        // x [2, 9, 37] through a 37 -> 21 linear with bias and a rank-5 update.
+        let x = f32_var(&var(&[2, 9, 37], 51));
+        let (a, b) = (f32_var(&var(&[5, 37], 52)), f32_var(&var(&[21, 5], 53)));
+        let w = var(&[21, 37], 54)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .detach();
+        let bias = var(&[21], 55)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .detach();
+        let composed = |x: &Tensor| {
+            let base = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let down = x.broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap();
+            let up = down.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
+            (base + (up * 1.5).unwrap()).unwrap()
+        };
+        let ours = lora_linear(
+            x.as_tensor(),
+            &w,
+            Some(&bias),
+            a.as_tensor(),
+            b.as_tensor(),
+            1.5,
+        )
+        .unwrap()
+        .expect("the CPU kernel serves f32");
+        let want = composed(x.as_tensor());
+        assert_eq!(ours.dims(), [2, 9, 21]);
+        assert!(
+            rel_diff(&ours, &want) < 1e-6,
+            "lora linear {}",
+            rel_diff(&ours, &want)
+        );
+        let dy = f32_var(&var(&[2, 9, 21], 56));
+        let g1 = grads_of(&ours, dy.as_tensor(), &[&x, &a, &b]);
+        let g2 = grads_of(&want, dy.as_tensor(), &[&x, &a, &b]);
+        for (name, (p, q)) in ["x", "A", "B"].iter().zip(g1.iter().zip(&g2)) {
+            assert!(
+                rel_diff(p, q) < 1e-5,
+                "gradient of {name}: {}",
+                rel_diff(p, q)
+            );
+        }
+        // An input that needs no gradient gets none (and costs no product).
+        let xc = x.as_tensor().detach();
+        let y = lora_linear(&xc, &w, None, a.as_tensor(), b.as_tensor(), 1.5)
+            .unwrap()
+            .unwrap();
+        let grads = (y * dy.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&xc).is_none() && grads.get(a.as_tensor()).is_some());
+        // f64 is not the kernel's: the caller composes.
+        let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
+        let w64 = w.to_dtype(DType::F64).unwrap();
+        assert!(
+            lora_linear(&x64, &w64, None, a.as_tensor(), b.as_tensor(), 1.5)
+                .unwrap()
+                .is_none()
         );
     }
 

@@ -368,6 +368,43 @@ fn rows_per_task(width: usize) -> usize {
     TASK_ELEMENTS.div_ceil(width.max(1)).max(1)
 }
 
+/// Whether [`softmax_forward`] and [`softmax_backward`] serve `x`.
+pub fn usable_softmax(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0
+}
+
+/// `softmax(x)` over the last dimension.
+pub fn softmax_forward(x: &Tensor) -> Result<Tensor> {
+    let t = x.dims().last().copied().unwrap_or(1).max(1);
+    let mut p = with_f32(x, |xs| Ok(xs.to_vec()))?;
+    let task = rows_per_task(t) * t;
+    p.par_chunks_mut(task)
+        .for_each(|pc| softmax_block(pc, t, 0, 1, None, 1.0));
+    Tensor::from_vec(p, x.shape(), x.device())
+}
+
+/// The input gradient of [`softmax_forward`] from its output `p` and the output's
+/// gradient `dy`: `p * (dy - sum(p * dy))` per row.
+pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if p.dims() != dy.dims() {
+        candle_core::bail!(
+            "softmax: gradient {:?} for output {:?}",
+            dy.dims(),
+            p.dims()
+        )
+    }
+    let t = p.dims().last().copied().unwrap_or(1).max(1);
+    let mut dx = with_f32(dy, |d| Ok(d.to_vec()))?;
+    with_f32(p, |ps| {
+        let task = rows_per_task(t) * t;
+        dx.par_chunks_mut(task)
+            .zip(ps.par_chunks(task))
+            .for_each(|(dc, pc)| softmax_grad_block(pc, dc, t, 1.0));
+        Ok(())
+    })?;
+    Tensor::from_vec(dx, p.shape(), p.device())
+}
+
 /// Checks `weight` `[h]` against `x` `[..., h]` and returns `h`.
 fn norm_width(x: &Tensor, weight: &Tensor) -> Result<usize> {
     let h = weight.dim(0)?;
@@ -555,14 +592,28 @@ type Operand<'a> = (&'a [f32], usize, usize);
 /// `dst = lhs * rhs` (`m x k` times `k x n`), or `dst += lhs * rhs` when `accumulate`;
 /// `dst` is row-major with row stride `dst_rs`. On gemm's kernels, single-threaded unless
 /// `threads > 1`.
-#[allow(clippy::too_many_arguments)]
 fn matmul(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    threads: usize,
+) {
+    scaled_matmul(mnk, dst, dst_rs, accumulate, lhs, rhs, 1.0, threads)
+}
+
+/// [`matmul`] with the product scaled: `dst (+)= s * lhs * rhs`.
+#[allow(clippy::too_many_arguments)]
+fn scaled_matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
     lhs: Operand,
     rhs: Operand,
+    s: f32,
     threads: usize,
 ) {
     if m == 0 || n == 0 {
@@ -604,7 +655,7 @@ fn matmul(
             rhs.2 as isize,
             rhs.1 as isize,
             if accumulate { 1.0 } else { 0.0 },
-            1.0,
+            s,
             false,
             false,
             false,
@@ -882,6 +933,193 @@ pub fn attention_backward(
         Tensor::from_vec(dq, q.shape(), dev)?,
         Tensor::from_vec(dk, k.shape(), dev)?,
         Tensor::from_vec(dv, v.shape(), dev)?,
+    ))
+}
+
+/// Whether [`lora_forward`] and [`lora_backward`] serve this LoRA linear: everything f32
+/// on the CPU.
+pub fn usable_lora(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+    x.device().is_cpu() && [x, w, a, b].iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// The sizes of a LoRA linear: `x` `[m, in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
+/// `[out, r]`; returns `(m, in, out, r)`.
+fn lora_dims(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (m, i) = x.dims2()?;
+    let (o, wi) = w.dims2()?;
+    let (r, ai) = a.dims2()?;
+    let (bo, br) = b.dims2()?;
+    if wi != i || ai != i || bo != o || br != r {
+        candle_core::bail!(
+            "lora linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            a.dims(),
+            b.dims()
+        )
+    }
+    Ok((m, i, o, r))
+}
+
+/// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: the base product, then the
+/// low-rank update added into it by the second product, with no pass of its own.
+pub fn lora_forward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Result<Tensor> {
+    let (m, i, o, r) = lora_dims(x, w, a, b)?;
+    let threads = rayon::current_num_threads();
+    let mut y = vec![0f32; m * o];
+    let mut t = vec![0f32; m * r];
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            with_f32(a, |as_| {
+                with_f32(b, |bs| {
+                    matmul((m, o, i), &mut y, o, false, (xs, i, 1), (ws, 1, i), threads);
+                    matmul(
+                        (m, r, i),
+                        &mut t,
+                        r,
+                        false,
+                        (xs, i, 1),
+                        (as_, 1, i),
+                        threads,
+                    );
+                    scaled_matmul(
+                        (m, o, r),
+                        &mut y,
+                        o,
+                        true,
+                        (&t, r, 1),
+                        (bs, 1, r),
+                        s as f32,
+                        threads,
+                    );
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    if let Some(bias) = bias {
+        with_f32(bias, |bv| {
+            if bv.len() != o {
+                candle_core::bail!("lora linear: bias of {} for {o} outputs", bv.len())
+            }
+            for row in y.chunks_exact_mut(o) {
+                for (yj, &bj) in row.iter_mut().zip(bv) {
+                    *yj += bj;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Tensor::from_vec(y, (m, o), x.device())
+}
+
+/// The gradients of [`lora_forward`] given `g` `[m, out]`: for `x` (when `need_dx`),
+/// `A` and `B`. `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    s: f64,
+    need_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (m, i, o, r) = lora_dims(x, w, a, b)?;
+    if g.dims() != [m, o] {
+        candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
+    }
+    let (threads, s) = (rayon::current_num_threads(), s as f32);
+    let mut dx = if need_dx {
+        vec![0f32; m * i]
+    } else {
+        Vec::new()
+    };
+    let (mut u, mut t) = (vec![0f32; m * r], vec![0f32; m * r]);
+    let (mut da, mut db) = (vec![0f32; r * i], vec![0f32; o * r]);
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            with_f32(a, |as_| {
+                with_f32(b, |bs| {
+                    with_f32(g, |gs| {
+                        matmul((m, r, o), &mut u, r, false, (gs, o, 1), (bs, r, 1), threads);
+                        matmul(
+                            (m, r, i),
+                            &mut t,
+                            r,
+                            false,
+                            (xs, i, 1),
+                            (as_, 1, i),
+                            threads,
+                        );
+                        if need_dx {
+                            matmul(
+                                (m, i, o),
+                                &mut dx,
+                                i,
+                                false,
+                                (gs, o, 1),
+                                (ws, i, 1),
+                                threads,
+                            );
+                            scaled_matmul(
+                                (m, i, r),
+                                &mut dx,
+                                i,
+                                true,
+                                (&u, r, 1),
+                                (as_, i, 1),
+                                s,
+                                threads,
+                            );
+                        }
+                        scaled_matmul(
+                            (r, i, m),
+                            &mut da,
+                            i,
+                            false,
+                            (&u, 1, r),
+                            (xs, i, 1),
+                            s,
+                            threads,
+                        );
+                        scaled_matmul(
+                            (o, r, m),
+                            &mut db,
+                            r,
+                            false,
+                            (gs, 1, o),
+                            (&t, r, 1),
+                            s,
+                            threads,
+                        );
+                        Ok(())
+                    })
+                })
+            })
+        })
+    })?;
+    let dev = x.device();
+    let dx = match need_dx {
+        true => Some(Tensor::from_vec(dx, (m, i), dev)?),
+        false => None,
+    };
+    Ok((
+        dx,
+        Tensor::from_vec(da, (r, i), dev)?,
+        Tensor::from_vec(db, (o, r), dev)?,
     ))
 }
 

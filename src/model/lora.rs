@@ -170,8 +170,16 @@ impl LoraLinear {
 
 impl ModuleT for LoraLinear {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let Some(l) = &self.lora else {
+            return self.base.forward(x);
+        };
+        if !(train && l.dropout > 0.0) {
+            let (w, bias) = (self.base.weight(), self.base.bias());
+            if let Some(y) = super::fused::lora_linear(x, w, bias, &l.a, &l.b, l.scale)? {
+                return Ok(y);
+            }
+        }
         let y = self.base.forward(x)?;
-        let Some(l) = &self.lora else { return Ok(y) };
         let x = if train && l.dropout > 0.0 {
             match &self.dropout_seed {
                 Some(seed) => {
