@@ -7,7 +7,7 @@
 //! storage-level matmul and the backward returns just the input gradient `grad @ W`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor};
 
 use super::error::ModelError;
 use super::weights::Weights;
@@ -121,8 +121,15 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        match &*w {
-            Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
+        match (x, &*w, w_layout.contiguous_offsets()) {
+            // f32: straight to gemm, into an output that is not zeroed first.
+            (CpuStorage::F32(xs), Storage::Cpu(CpuStorage::F32(ws)), Some((w0, w1))) => {
+                let (shape, (m, n, k)) = self.plan(layout)?;
+                let x0 = layout.start_offset();
+                let y = super::fused_cpu::linear(&xs[x0..x0 + m * k], &ws[w0..w1], (m, n, k));
+                Ok((CpuStorage::F32(y), shape))
+            }
+            (_, Storage::Cpu(w), _) => self.fwd(x, layout, w, w_layout),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
         }
     }
@@ -153,6 +160,10 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x @ W^T)/dx = grad @ W; the weight is deliberately left without a gradient.
+        if grad.device().is_cpu() && grad.dtype() == DType::F32 && self.weight.dtype() == DType::F32
+        {
+            return super::fused_cpu::linear_input_grad(grad, &self.weight).map(Some);
+        }
         let (out_dim, in_dim) = self.weight.dims2()?;
         let dims = grad.dims().to_vec();
         let m = grad.elem_count() / out_dim.max(1);
@@ -198,6 +209,30 @@ mod tests {
         let x2 = rand(&[3, 6]).narrow(0, 1, 2).unwrap(); // start offset 6
         let want = x2.matmul(&w.t().unwrap()).unwrap();
         assert!(max_diff(&frozen.forward(&x2).unwrap(), &want) < 1e-12);
+    }
+
+    #[test]
+    fn f32_on_the_cpu_matches_candles_matmul_value_and_gradient() {
+        // f32 on the CPU goes straight to gemm (`fused_cpu::linear`), forward and backward.
+        let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let w = f32s(rand(&[5, 7]));
+        let b = f32s(rand(&[5]));
+        let frozen = FrozenLinear::new(w.clone(), Some(b.clone()));
+        let x2 = f32s(rand(&[4, 7])).narrow(0, 1, 3).unwrap(); // start offset 7
+        let want = x2
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_diff(&frozen.forward(&x2).unwrap(), &want) < 1e-5);
+        let x = Var::from_tensor(&f32s(rand(&[2, 3, 7]))).unwrap();
+        let dy = f32s(rand(&[2, 3, 5]));
+        let y = frozen.forward(x.as_tensor()).unwrap();
+        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = dy.broadcast_matmul(&w).unwrap();
+        let got = grads.get(x.as_tensor()).unwrap();
+        assert!(max_diff(got, &want) < 1e-5, "{}", max_diff(got, &want));
+        assert!(grads.get(&w).is_none());
     }
 
     #[test]

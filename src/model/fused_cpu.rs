@@ -664,6 +664,79 @@ fn scaled_matmul(
     }
 }
 
+/// `lhs * rhs` (`m x k` times `k x n`) into a new row-major buffer, on all of rayon's
+/// threads. The buffer is not zeroed first (candle's matmul zeroes its output, a pass of
+/// its own): gemm writes every element.
+pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    assert!(
+        (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
+        "matmul: lhs too short"
+    );
+    assert!(
+        (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
+        "matmul: rhs too short"
+    );
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the asserts keep every read of lhs and rhs inside their slices, and `dst`
+    // has room for the m x n result at row stride n. With `read_dst` false gemm sets
+    // alpha to zero and then, on every path (micro-kernels, gemv; k = 0 is excluded
+    // above), overwrites each element of `dst` without reading it, so all m * n elements
+    // are initialised when `set_len` runs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
+/// `x W^T` for `x` `[m, k]` and `w` `[n, k]`, row-major slices: a linear layer's forward.
+pub fn linear(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    matmul_new((m, n, k), (x, k, 1), (w, 1, k))
+}
+
+/// `g W` for `g` `[..., n]` and `w` `[n, k]`: a linear layer's input gradient, shaped as
+/// `g` with `k` features.
+pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let mut shape = g.dims().to_vec();
+    match shape.last_mut() {
+        Some(last) if *last == n => *last = k,
+        _ => candle_core::bail!(
+            "linear: gradient {:?} for a weight {:?}",
+            g.dims(),
+            w.dims()
+        ),
+    }
+    let m = g.elem_count() / n.max(1);
+    let dx = with_f32(g, |gs| {
+        with_f32(w, |ws| Ok(matmul_new((m, k, n), (gs, n, 1), (ws, k, 1))))
+    })?;
+    Tensor::from_vec(dx, shape, g.device())
+}
+
 /// Query rows a forward task takes, and the backward's row chunk: the scores of a chunk
 /// (`ROW_CHUNK x t`) stay in the core's cache between the products and the softmax.
 const ROW_CHUNK: usize = 128;
@@ -978,33 +1051,15 @@ pub fn lora_forward(
 ) -> Result<Tensor> {
     let (m, i, o, r) = lora_dims(x, w, a, b)?;
     let threads = rayon::current_num_threads();
-    let mut y = vec![0f32; m * o];
-    let mut t = vec![0f32; m * r];
-    with_f32(x, |xs| {
+    let mut y = with_f32(x, |xs| {
         with_f32(w, |ws| {
             with_f32(a, |as_| {
                 with_f32(b, |bs| {
-                    matmul((m, o, i), &mut y, o, false, (xs, i, 1), (ws, 1, i), threads);
-                    matmul(
-                        (m, r, i),
-                        &mut t,
-                        r,
-                        false,
-                        (xs, i, 1),
-                        (as_, 1, i),
-                        threads,
-                    );
-                    scaled_matmul(
-                        (m, o, r),
-                        &mut y,
-                        o,
-                        true,
-                        (&t, r, 1),
-                        (bs, 1, r),
-                        s as f32,
-                        threads,
-                    );
-                    Ok(())
+                    let mut y = linear(xs, ws, (m, o, i));
+                    let t = linear(xs, as_, (m, r, i));
+                    let up = ((&t[..], r, 1), (bs, 1, r));
+                    scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
+                    Ok(y)
                 })
             })
         })
@@ -1027,7 +1082,6 @@ pub fn lora_forward(
 
 /// The gradients of [`lora_forward`] given `g` `[m, out]`: for `x` (when `need_dx`),
 /// `A` and `B`. `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`.
-#[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     x: &Tensor,
     w: &Tensor,
@@ -1042,79 +1096,36 @@ pub fn lora_backward(
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }
     let (threads, s) = (rayon::current_num_threads(), s as f32);
-    let mut dx = if need_dx {
-        vec![0f32; m * i]
-    } else {
-        Vec::new()
-    };
-    let (mut u, mut t) = (vec![0f32; m * r], vec![0f32; m * r]);
-    let (mut da, mut db) = (vec![0f32; r * i], vec![0f32; o * r]);
-    with_f32(x, |xs| {
+    let (dx, mut da, mut db) = with_f32(x, |xs| {
         with_f32(w, |ws| {
             with_f32(a, |as_| {
                 with_f32(b, |bs| {
                     with_f32(g, |gs| {
-                        matmul((m, r, o), &mut u, r, false, (gs, o, 1), (bs, r, 1), threads);
-                        matmul(
-                            (m, r, i),
-                            &mut t,
-                            r,
-                            false,
-                            (xs, i, 1),
-                            (as_, 1, i),
-                            threads,
-                        );
-                        if need_dx {
-                            matmul(
-                                (m, i, o),
-                                &mut dx,
-                                i,
-                                false,
-                                (gs, o, 1),
-                                (ws, i, 1),
-                                threads,
-                            );
-                            scaled_matmul(
-                                (m, i, r),
-                                &mut dx,
-                                i,
-                                true,
-                                (&u, r, 1),
-                                (as_, i, 1),
-                                s,
-                                threads,
-                            );
-                        }
-                        scaled_matmul(
-                            (r, i, m),
-                            &mut da,
-                            i,
-                            false,
-                            (&u, 1, r),
-                            (xs, i, 1),
-                            s,
-                            threads,
-                        );
-                        scaled_matmul(
-                            (o, r, m),
-                            &mut db,
-                            r,
-                            false,
-                            (gs, 1, o),
-                            (&t, r, 1),
-                            s,
-                            threads,
-                        );
-                        Ok(())
+                        // u = g B [m, r]; t = x A^T [m, r], recomputed.
+                        let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
+                        let t = linear(xs, as_, (m, r, i));
+                        let dx = need_dx.then(|| {
+                            let mut dx = matmul_new((m, i, o), (gs, o, 1), (ws, i, 1));
+                            let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
+                            scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);
+                            dx
+                        });
+                        // dA = (g B)^T x and dB = g^T t, scaled below.
+                        let da = matmul_new((r, i, m), (&u, 1, r), (xs, i, 1));
+                        let db = matmul_new((o, r, m), (gs, 1, o), (&t, r, 1));
+                        Ok((dx, da, db))
                     })
                 })
             })
         })
     })?;
+    for v in da.iter_mut().chain(db.iter_mut()) {
+        *v *= s;
+    }
     let dev = x.device();
-    let dx = match need_dx {
-        true => Some(Tensor::from_vec(dx, (m, i), dev)?),
-        false => None,
+    let dx = match dx {
+        Some(dx) => Some(Tensor::from_vec(dx, (m, i), dev)?),
+        None => None,
     };
     Ok((
         dx,
