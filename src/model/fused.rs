@@ -29,7 +29,7 @@ use super::{fused_cpu, fused_cuda};
 /// its own: the CUDA softmax kernels between candle's products, or the CPU's whole
 /// attention per head (`fused_cpu::attention_forward`).
 mod kernels {
-    use super::{fused_cpu as cpu, fused_cuda as cuda};
+    use super::{fused_cpu as cpu, fused_cuda as cuda, Out};
     use candle_core::{Device, Result, Tensor};
 
     pub fn usable_norm(x: &Tensor, weight: &Tensor) -> bool {
@@ -40,10 +40,10 @@ mod kernels {
         cuda::usable_swiglu(g, u) || cpu::usable_swiglu(g, u)
     }
 
-    pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Out> {
         match x.device() {
-            Device::Cuda(_) => cuda::rms_forward(x, w, eps),
-            _ => cpu::rms_forward(x, w, eps),
+            Device::Cuda(_) => cuda::rms_forward(x, w, eps).map(Out::Tensor),
+            _ => Ok(Out::Cpu(cpu::rms_forward(x, w, eps)?, x.shape().clone())),
         }
     }
 
@@ -54,10 +54,10 @@ mod kernels {
         }
     }
 
-    pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Out> {
         match g.device() {
-            Device::Cuda(_) => cuda::swiglu_forward(g, u),
-            _ => cpu::swiglu_forward(g, u),
+            Device::Cuda(_) => cuda::swiglu_forward(g, u).map(Out::Tensor),
+            _ => Ok(Out::Cpu(cpu::swiglu_forward(g, u)?, g.shape().clone())),
         }
     }
 
@@ -89,20 +89,43 @@ trait Backward3: Send + Sync + 'static {
     fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, grad: &Tensor) -> Result<Grads3>;
 }
 
+/// A result computed beforehand: a tensor, or the f32 elements and shape a CPU kernel
+/// wrote, which the op hands to candle as they are (a tensor's storage would be copied).
+enum Out {
+    Tensor(Tensor),
+    Cpu(Vec<f32>, Shape),
+}
+
+impl From<Tensor> for Out {
+    fn from(t: Tensor) -> Self {
+        Out::Tensor(t)
+    }
+}
+
+impl Out {
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Out::Tensor(t) => Ok(t),
+            Out::Cpu(v, shape) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
+        }
+    }
+}
+
 /// A custom op whose forward hands back a result computed beforehand, so that candle
 /// records it against the op's inputs with `B` as its backward.
 struct Attached<B> {
-    out: Mutex<Option<Tensor>>,
+    out: Mutex<Option<Out>>,
     backward: B,
 }
 
 impl<B> Attached<B> {
-    fn new(out: Tensor, backward: B) -> Result<Self> {
-        // The forward copies the whole storage: make it exactly `out`'s elements.
-        let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
-            out
-        } else {
-            out.force_contiguous()?
+    fn new(out: Out, backward: B) -> Result<Self> {
+        // The forward copies a tensor's whole storage: make it exactly `out`'s elements.
+        let out = match out {
+            Out::Tensor(t) if !(t.is_contiguous() && t.layout().start_offset() == 0) => {
+                Out::Tensor(t.force_contiguous()?)
+            }
+            out => out,
         };
         Ok(Self {
             out: Mutex::new(Some(out)),
@@ -110,7 +133,7 @@ impl<B> Attached<B> {
         })
     }
 
-    fn take(&self) -> Result<Tensor> {
+    fn take(&self) -> Result<Out> {
         let mut slot = self
             .out
             .lock()
@@ -119,8 +142,19 @@ impl<B> Attached<B> {
             .ok_or_else(|| candle_core::Error::Msg("fused op: forward ran twice".into()))
     }
 
+    /// The result as a tensor, for the backends other than the CPU.
+    fn take_tensor(&self) -> Result<Tensor> {
+        match self.take()? {
+            Out::Tensor(t) => Ok(t),
+            Out::Cpu(..) => candle_core::bail!("fused op: result and inputs on different devices"),
+        }
+    }
+
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
+        let out = match self.take()? {
+            Out::Cpu(v, shape) => return Ok((CpuStorage::F32(v), shape)),
+            Out::Tensor(t) => t,
+        };
         let (storage, layout) = out.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
@@ -129,7 +163,7 @@ impl<B> Attached<B> {
     }
 
     fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.take()?;
+        let out = self.take_tensor()?;
         let (storage, layout) = out.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
@@ -138,7 +172,7 @@ impl<B> Attached<B> {
     }
 
     fn metal(&self) -> Result<(candle_core::MetalStorage, Shape)> {
-        let out = self.take()?;
+        let out = self.take_tensor()?;
         let (storage, layout) = out.storage_and_layout();
         match &*storage {
             Storage::Metal(s) => Ok((s.try_clone(layout)?, out.shape().clone())),
@@ -272,19 +306,24 @@ impl<B: Backward3> CustomOp3 for Attached<B> {
 }
 
 /// `out` (computed from `x` detached) as a function of `x` whose backward is `backward`.
-fn attach1<B: Backward1>(x: &Tensor, out: Tensor, backward: B) -> Result<Tensor> {
+fn attach1<B: Backward1>(x: &Tensor, out: impl Into<Out>, backward: B) -> Result<Tensor> {
     if !x.track_op() {
-        return Ok(out);
+        return out.into().into_tensor();
     }
-    x.apply_op1(Attached::new(out, backward)?)
+    x.apply_op1(Attached::new(out.into(), backward)?)
 }
 
 /// `out` as a function of `a`, `b` whose backward is `backward`.
-fn attach2<B: Backward2>(a: &Tensor, b: &Tensor, out: Tensor, backward: B) -> Result<Tensor> {
+fn attach2<B: Backward2>(
+    a: &Tensor,
+    b: &Tensor,
+    out: impl Into<Out>,
+    backward: B,
+) -> Result<Tensor> {
     if !(a.track_op() || b.track_op()) {
-        return Ok(out);
+        return out.into().into_tensor();
     }
-    a.apply_op2(b, Attached::new(out, backward)?)
+    a.apply_op2(b, Attached::new(out.into(), backward)?)
 }
 
 /// `out` as a function of `a`, `b`, `c` whose backward is `backward`.
@@ -292,13 +331,13 @@ fn attach3<B: Backward3>(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
-    out: Tensor,
+    out: impl Into<Out>,
     backward: B,
 ) -> Result<Tensor> {
     if !(a.track_op() || b.track_op() || c.track_op()) {
-        return Ok(out);
+        return out.into().into_tensor();
     }
-    a.apply_op3(b, c, Attached::new(out, backward)?)
+    a.apply_op3(b, c, Attached::new(out.into(), backward)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,7 +357,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     let (b, nh, s, hd) = qd.dims4()?;
     if fused_cpu::usable_attention(&qd, op.bias.as_ref()) {
         let out = fused_cpu::attention_forward(&qd, &kd, &vd, op.bias.as_ref(), scale(hd))?;
-        return attach3(q, k, v, out, op);
+        return attach3(q, k, v, Out::Cpu(out, qd.shape().clone()), op);
     }
     let probs = match op.kernel_bias(&qd) {
         Some(bias) => {
@@ -444,6 +483,7 @@ pub fn lora_linear(
     };
     let x2 = x.reshape((lead.iter().product::<usize>(), i))?;
     let out = fused_cpu::lora_forward(&x2.detach(), w, bias, &a.detach(), &b.detach(), scale)?;
+    let out = Out::Cpu(out, Shape::from((x2.dim(0)?, w.dim(0)?)));
     let op = LoraBackward {
         weight: w.detach(),
         scale,
@@ -572,9 +612,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     } else {
         let x32 = x.detach().to_dtype(internal_dtype(dtype))?;
         let inv = rms_inverse(&x32, eps)?;
-        x32.broadcast_mul(&inv)?
-            .to_dtype(dtype)?
-            .broadcast_mul(weight)?
+        Out::Tensor(
+            x32.broadcast_mul(&inv)?
+                .to_dtype(dtype)?
+                .broadcast_mul(weight)?,
+        )
     };
     attach1(
         x,

@@ -419,7 +419,7 @@ fn norm_width(x: &Tensor, weight: &Tensor) -> Result<usize> {
 }
 
 /// RMSNorm of `x` with weight `w`, as `fused::rms_norm`.
-pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>> {
     let h = norm_width(x, w)?;
     let mut y = vec![0f32; x.elem_count()];
     with_f32(x, |xs| {
@@ -431,7 +431,7 @@ pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
             Ok(())
         })
     })?;
-    Tensor::from_vec(y, x.shape(), x.device())
+    Ok(y)
 }
 
 /// The input gradient of [`rms_forward`] given the output's gradient `dy`.
@@ -460,7 +460,7 @@ pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
 }
 
 /// `silu(g) * u` of equal-shaped `g` and `u`.
-pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Vec<f32>> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: inputs of shapes {:?} and {:?}", g.dims(), u.dims())
     }
@@ -476,7 +476,7 @@ pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             Ok(())
         })
     })?;
-    Tensor::from_vec(y, g.shape(), g.device())
+    Ok(y)
 }
 
 /// The gradients of [`swiglu_forward`] for `g` and `u`, given the output's `dy`.
@@ -832,12 +832,12 @@ pub fn attention_forward(
     v: &Tensor,
     bias: Option<&Tensor>,
     scale: f64,
-) -> Result<Tensor> {
+) -> Result<Vec<f32>> {
     let g = AttnShape::of(q, k, v, bias)?;
     let (rows, t, hd) = (g.rows(), g.t, g.hd);
     let mut out = vec![0f32; q.elem_count()];
     if out.is_empty() || t == 0 {
-        return Tensor::from_vec(out, q.shape(), q.device());
+        return Ok(out);
     }
     let tasks = g.b * g.nkv * rows.div_ceil(ROW_CHUNK);
     let threads = g.threads_per_task(tasks);
@@ -891,7 +891,7 @@ pub fn attention_forward(
             })
         })
     })?;
-    Tensor::from_vec(out, q.shape(), q.device())
+    Ok(out)
 }
 
 /// The gradients of [`attention_forward`] for `q`, `k` and `v` given the output's `dout`.
@@ -1048,7 +1048,7 @@ pub fn lora_forward(
     a: &Tensor,
     b: &Tensor,
     s: f64,
-) -> Result<Tensor> {
+) -> Result<Vec<f32>> {
     let (m, i, o, r) = lora_dims(x, w, a, b)?;
     let threads = rayon::current_num_threads();
     let mut y = with_f32(x, |xs| {
@@ -1077,7 +1077,7 @@ pub fn lora_forward(
             Ok(())
         })?;
     }
-    Tensor::from_vec(y, (m, o), x.device())
+    Ok(y)
 }
 
 /// The gradients of [`lora_forward`] given `g` `[m, out]`: for `x` (when `need_dx`),
