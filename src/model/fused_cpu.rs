@@ -14,8 +14,10 @@
 //!
 //! Results do not depend on the instruction set: the inner loops use plain IEEE
 //! additions and multiplications (Rust never fuses them into FMAs), and every row sum
-//! runs over the same [`LANES`] partial sums in the same order. So a CPU training run is
-//! bit-reproducible on any x86-64 machine, as the resume test requires.
+//! runs over the same [`LANES`] partial sums in the same order. (The matrix products are
+//! gemm's, whose blocking follows the cache sizes and the thread count: a CPU run
+//! reproduces bit for bit on one machine with one thread count, which is what the resume
+//! test checks.)
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -680,37 +682,70 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         "matmul: rhs too short"
     );
     let mut dst = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: the asserts keep every read of lhs and rhs inside their slices, and `dst`
-    // has room for the m x n result at row stride n. With `read_dst` false gemm sets
-    // alpha to zero and then, on every path (micro-kernels, gemv; k = 0 is excluded
-    // above), overwrites each element of `dst` without reading it, so all m * n elements
-    // are initialised when `set_len` runs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-        dst.set_len(m * n);
-    }
+    // Each thread takes a block of columns with a single-threaded gemm: at these sizes
+    // that beats gemm's own split, most of all for few rows (1.3-1.6x at 128 rows;
+    // BENCHMARKS.md, "train (CPU)").
+    let threads = rayon::current_num_threads().min(n / COLUMN_BLOCK).max(1);
+    let width = n.div_ceil(threads).next_multiple_of(16).min(n);
+    let out = SendPtr(dst.as_mut_ptr());
+    let block = |c0: usize| {
+        let cols = width.min(n - c0);
+        // SAFETY: the asserts keep every read of lhs and rhs (columns c0..c0 + cols of
+        // rhs) inside their slices, and `dst` has room for the m x n result at row
+        // stride n; the blocks write disjoint columns. With `read_dst` false gemm sets
+        // alpha to zero and then, on every path (micro-kernels, gemv; k = 0 is excluded
+        // above), overwrites each element of its block without reading it, so all m * n
+        // elements are initialised when `set_len` runs.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                out.get().add(c0),
+                1,
+                n as isize,
+                false,
+                lhs.0.as_ptr(),
+                lhs.2 as isize,
+                lhs.1 as isize,
+                rhs.0.as_ptr().add(c0 * rhs.2),
+                rhs.2 as isize,
+                rhs.1 as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    (0..n)
+        .step_by(width)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .for_each(block);
+    // SAFETY: every element was written above (the blocks cover columns 0..n).
+    unsafe { dst.set_len(m * n) };
     dst
 }
+
+/// Columns a thread's block of [`matmul_new`] has at least.
+const COLUMN_BLOCK: usize = 64;
+
+/// A pointer the column blocks of [`matmul_new`] share; each writes its own columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: used only to hand disjoint column blocks of one buffer to rayon's threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// `x W^T` for `x` `[m, k]` and `w` `[n, k]`, row-major slices: a linear layer's forward.
 pub fn linear(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
