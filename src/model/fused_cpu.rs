@@ -142,10 +142,22 @@ fn row_max(xs: &[f32]) -> f32 {
 #[inline(always)]
 fn exp_shifted(z: &mut [f32]) -> f32 {
     let m = row_max(z);
-    for v in z.iter_mut() {
-        *v = exp(*v - m);
+    // One pass: each exponential is stored and added to its lane (`i % LANES`, the
+    // order `lane_sum` uses).
+    let mut acc = [0f32; LANES];
+    let full = z.len() - z.len() % LANES;
+    let (body, tail) = z.split_at_mut(full);
+    for c in body.chunks_exact_mut(LANES) {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp(*v - m);
+            *a += *v;
+        }
     }
-    lane_sum(z)
+    for (a, v) in acc.iter_mut().zip(tail.iter_mut()) {
+        *v = exp(*v - m);
+        *a += *v;
+    }
+    acc.iter().fold(0.0, |s, a| s + a)
 }
 
 /// `1 / sqrt(mean(x^2) + eps)`.
@@ -304,15 +316,16 @@ multiversion! {
                         *zj = *zj * scale + bj;
                     }
                 }
-                None => {
+                None if scale != 1.0 => {
                     for zj in zr.iter_mut() {
                         *zj *= scale;
                     }
                 }
+                None => {}
             }
-            let sum = exp_shifted(zr);
+            let inv = 1.0 / exp_shifted(zr);
             for zj in zr.iter_mut() {
-                *zj /= sum;
+                *zj *= inv;
             }
         }
     }
@@ -365,6 +378,54 @@ fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
     }
 }
 
+/// A new buffer of `n` elements built in parallel chunks of `chunk`: each chunk is zeroed
+/// and handed to `f` with its index right away, so the zeroing happens in cache rather
+/// than as a pass of its own over memory (as `vec![0.0; n]` would).
+fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    par_new_from(n, chunk, None, f)
+}
+
+/// [`par_new`], with each chunk starting as the same chunk of `init` (instead of zeros)
+/// when given; `init` has `n` elements.
+fn par_new_from(
+    n: usize,
+    chunk: usize,
+    init: Option<&[f32]>,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert!(
+        init.is_none_or(|i| i.len() == n),
+        "par_new_from: init of another length"
+    );
+    let chunk = chunk.max(1);
+    let mut v = Vec::<f32>::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| {
+            match init {
+                Some(init) => {
+                    for (e, &x) in c.iter_mut().zip(&init[i * chunk..]) {
+                        e.write(x);
+                    }
+                }
+                None => {
+                    for e in c.iter_mut() {
+                        e.write(0.0);
+                    }
+                }
+            }
+            // SAFETY: every element of `c` was initialised just above, and
+            // `MaybeUninit<f32>` has the layout of `f32`.
+            let c =
+                unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
+            f(i, c)
+        });
+    // SAFETY: the chunks cover the first n elements, each initialised above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Rows of `width` a rayon task takes: at least [`TASK_ELEMENTS`] elements' worth.
 fn rows_per_task(width: usize) -> usize {
     TASK_ELEMENTS.div_ceil(width.max(1)).max(1)
@@ -378,10 +439,12 @@ pub fn usable_softmax(x: &Tensor) -> bool {
 /// `softmax(x)` over the last dimension.
 pub fn softmax_forward(x: &Tensor) -> Result<Tensor> {
     let t = x.dims().last().copied().unwrap_or(1).max(1);
-    let mut p = with_f32(x, |xs| Ok(xs.to_vec()))?;
     let task = rows_per_task(t) * t;
-    p.par_chunks_mut(task)
-        .for_each(|pc| softmax_block(pc, t, 0, 1, None, 1.0));
+    let p = with_f32(x, |xs| {
+        Ok(par_new_from(xs.len(), task, Some(xs), |_, pc| {
+            softmax_block(pc, t, 0, 1, None, 1.0)
+        }))
+    })?;
     Tensor::from_vec(p, x.shape(), x.device())
 }
 
@@ -396,13 +459,13 @@ pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> Result<Tensor> {
         )
     }
     let t = p.dims().last().copied().unwrap_or(1).max(1);
-    let mut dx = with_f32(dy, |d| Ok(d.to_vec()))?;
-    with_f32(p, |ps| {
-        let task = rows_per_task(t) * t;
-        dx.par_chunks_mut(task)
-            .zip(ps.par_chunks(task))
-            .for_each(|(dc, pc)| softmax_grad_block(pc, dc, t, 1.0));
-        Ok(())
+    let task = rows_per_task(t) * t;
+    let dx = with_f32(dy, |d| {
+        with_f32(p, |ps| {
+            Ok(par_new_from(d.len(), task, Some(d), |i, dc| {
+                softmax_grad_block(&ps[i * task..i * task + dc.len()], dc, t, 1.0)
+            }))
+        })
     })?;
     Tensor::from_vec(dx, p.shape(), p.device())
 }
@@ -423,17 +486,14 @@ fn norm_width(x: &Tensor, weight: &Tensor) -> Result<usize> {
 /// RMSNorm of `x` with weight `w`, as `fused::rms_norm`.
 pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>> {
     let h = norm_width(x, w)?;
-    let mut y = vec![0f32; x.elem_count()];
+    let task = rows_per_task(h) * h;
     with_f32(x, |xs| {
         with_f32(w, |w| {
-            let task = rows_per_task(h) * h;
-            y.par_chunks_mut(task)
-                .zip(xs.par_chunks(task))
-                .for_each(|(yc, xc)| rms_rows(xc, w, yc, eps as f32));
-            Ok(())
+            Ok(par_new(xs.len(), task, |i, yc| {
+                rms_rows(&xs[i * task..i * task + yc.len()], w, yc, eps as f32)
+            }))
         })
-    })?;
-    Ok(y)
+    })
 }
 
 /// The input gradient of [`rms_forward`] given the output's gradient `dy`.
@@ -446,15 +506,14 @@ pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
             x.dims()
         )
     }
-    let mut dx = vec![0f32; x.elem_count()];
-    with_f32(x, |xs| {
+    let task = rows_per_task(h) * h;
+    let dx = with_f32(x, |xs| {
         with_f32(w, |w| {
             with_f32(dy, |dys| {
-                let task = rows_per_task(h) * h;
-                dx.par_chunks_mut(task)
-                    .zip(xs.par_chunks(task).zip(dys.par_chunks(task)))
-                    .for_each(|(dxc, (xc, dyc))| rms_backward_rows(xc, w, dyc, dxc, eps as f32));
-                Ok(())
+                Ok(par_new(xs.len(), task, |i, dxc| {
+                    let range = i * task..i * task + dxc.len();
+                    rms_backward_rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
+                }))
             })
         })
     })?;
@@ -466,19 +525,15 @@ pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Vec<f32>> {
     if g.dims() != u.dims() {
         candle_core::bail!("swiglu: inputs of shapes {:?} and {:?}", g.dims(), u.dims())
     }
-    let mut y = vec![0f32; g.elem_count()];
+    let c = TASK_ELEMENTS;
     with_f32(g, |gs| {
         with_f32(u, |us| {
-            y.par_chunks_mut(TASK_ELEMENTS)
-                .zip(
-                    gs.par_chunks(TASK_ELEMENTS)
-                        .zip(us.par_chunks(TASK_ELEMENTS)),
-                )
-                .for_each(|(yc, (gc, uc))| swiglu_elements(gc, uc, yc));
-            Ok(())
+            Ok(par_new(gs.len(), c, |i, yc| {
+                let range = i * c..i * c + yc.len();
+                swiglu_elements(&gs[range.clone()], &us[range], yc)
+            }))
         })
-    })?;
-    Ok(y)
+    })
 }
 
 /// The gradients of [`swiglu_forward`] for `g` and `u`, given the output's `dy`.
