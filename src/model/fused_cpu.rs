@@ -346,36 +346,48 @@ multiversion! {
 // ---------------------------------------------------------------------------------------
 // Tensor-level entry points, the same as `fused_cuda`'s.
 
-/// Runs `f` on the elements of a CPU f32 tensor, made contiguous first if need be.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+/// Runs `f` on the elements of a CPU tensor, made contiguous first if need be; `pick`
+/// takes them out of the storage when it holds the expected type (`what`).
+fn with_elements<T, R>(
+    t: &Tensor,
+    what: &str,
+    pick: impl Fn(&CpuStorage) -> Option<&[T]>,
+    f: impl FnOnce(&[T]) -> Result<R>,
+) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(&v[start..end]),
-        _ => candle_core::bail!(
-            "cpu kernel: expected an f32 tensor on the CPU, got {:?}",
-            t.dtype()
-        ),
+        Storage::Cpu(s) => match pick(s) {
+            Some(v) => f(&v[start..end]),
+            None => candle_core::bail!("cpu kernel: expected {what}, got {:?}", t.dtype()),
+        },
+        _ => candle_core::bail!("cpu kernel: expected {what} on the CPU"),
     }
 }
 
-/// The same for a u32 tensor.
-fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::U32(v)) => f(&v[start..end]),
-        _ => candle_core::bail!(
-            "cpu kernel: expected u32 labels on the CPU, got {:?}",
-            t.dtype()
-        ),
+/// Runs `f` on the elements of a CPU f32 tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    fn pick(s: &CpuStorage) -> Option<&[f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
     }
+    with_elements(t, "an f32 tensor", pick, f)
+}
+
+/// The same for u32 labels.
+fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
+    fn pick(s: &CpuStorage) -> Option<&[u32]> {
+        match s {
+            CpuStorage::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+    with_elements(t, "u32 labels", pick, f)
 }
 
 /// A new buffer of `n` elements built in parallel chunks of `chunk`: each chunk is zeroed
