@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 16 f32 lanes, one AVX-512 register.
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// Elements a rayon task should have at least, so that splitting pays for itself.
 const TASK_ELEMENTS: usize = 1 << 14;
@@ -841,7 +841,7 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Query rows a forward task takes, and the backward's row chunk: the scores of a chunk
 /// (`ROW_CHUNK x t`) stay in the core's cache between the products and the softmax.
-const ROW_CHUNK: usize = 128;
+pub const ROW_CHUNK: usize = 128;
 
 /// The shape of one attention call: `q` `[b, heads, s, hd]`, `k`, `v` `[b, kv_heads, t,
 /// hd]`, an optional bias `[1 or b, 1, s, t]`.
