@@ -952,23 +952,7 @@ mod tests {
         assert!(fused_cpu::usable_cross_entropy(logits.as_tensor()));
         for weights in [None, Some(&weights)] {
             let ours = cross_entropy(logits.as_tensor(), &labels, weights).unwrap();
-            let lp = candle_nn::ops::log_softmax(logits.as_tensor(), 1).unwrap();
-            let picked = lp
-                .gather(&labels.unsqueeze(1).unwrap(), 1)
-                .unwrap()
-                .squeeze(1)
-                .unwrap();
-            let want = match weights {
-                None => picked.mean_all().unwrap().neg().unwrap(),
-                Some(w) => (picked * w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .neg()
-                    .unwrap()
-                    .broadcast_div(&w.sum_all().unwrap())
-                    .unwrap(),
-            };
+            let want = composed_cross_entropy(logits.as_tensor(), &labels, weights);
             assert!(
                 rel_diff(&ours, &want) < 1e-6,
                 "cross-entropy {}",
@@ -1157,34 +1141,37 @@ mod tests {
         assert!(g1.get(&w).is_none(), "the norm weight is frozen");
     }
 
+    /// The mean (or `w`-weighted mean) of `-log_softmax(x)[label]` from candle's ops, the
+    /// max shift a constant: the formulation the cross-entropy op replaces.
+    fn composed_cross_entropy(x: &Tensor, labels: &Tensor, w: Option<&Tensor>) -> Tensor {
+        let max = x.max_keepdim(1).unwrap().detach();
+        let sh = x.broadcast_sub(&max).unwrap();
+        let lp = sh
+            .broadcast_sub(&sh.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap())
+            .unwrap();
+        let picked = lp
+            .gather(&labels.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        match w {
+            None => picked.mean_all().unwrap().neg().unwrap(),
+            Some(w) => (picked * w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .neg()
+                .unwrap()
+                .broadcast_div(&w.sum_all().unwrap())
+                .unwrap(),
+        }
+    }
+
     #[test]
     fn cross_entropy_matches_composed_value_and_gradient() {
         let logits = var(&[6, 11], 11);
         let labels = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &Device::Cpu).unwrap();
-        let composed = |w: Option<&Tensor>| {
-            let x = logits.as_tensor();
-            let max = x.max_keepdim(1).unwrap().detach();
-            let sh = x.broadcast_sub(&max).unwrap();
-            let lp = sh
-                .broadcast_sub(&sh.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap())
-                .unwrap();
-            let picked = lp
-                .gather(&labels.unsqueeze(1).unwrap(), 1)
-                .unwrap()
-                .squeeze(1)
-                .unwrap();
-            match w {
-                None => picked.mean_all().unwrap().neg().unwrap(),
-                Some(w) => (picked * w)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .neg()
-                    .unwrap()
-                    .broadcast_div(&w.sum_all().unwrap())
-                    .unwrap(),
-            }
-        };
+        let composed = |w: Option<&Tensor>| composed_cross_entropy(logits.as_tensor(), &labels, w);
         let weights = Tensor::new(&[1f64, 0., 1., 1., 0., 1.], &Device::Cpu).unwrap();
         for w in [None, Some(&weights)] {
             let ours = cross_entropy(logits.as_tensor(), &labels, w).unwrap();
