@@ -5,8 +5,6 @@
 //! vocab 8192, random weights. Run with `cargo bench --bench generate`; the
 //! `generate` group reports tokens/s as elements/s.
 
-use std::time::Duration;
-
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
@@ -144,14 +142,7 @@ fn generation(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    // The allocator setting the taper binary starts with (see `keep_freed_buffers`).
-    config = {
-        taper::model::device::keep_freed_buffers();
-        Criterion::default()
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(2))
-    };
+    config = util::config();
     targets = sampling, model_forward, generation
 }
 criterion_main!(benches);

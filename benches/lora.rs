@@ -4,8 +4,6 @@
 //! small Llama built from random weights. Sample sizes are small; run with
 //! `cargo bench --bench lora`. `benches/lora_torch.py` times the same shapes in PyTorch.
 
-use std::time::Duration;
-
 use candle_core::{Device, ModuleT, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use taper::model::attention::softmax_last_dim;
@@ -159,14 +157,7 @@ fn model_forward(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    // The allocator setting the taper binary starts with (see `keep_freed_buffers`).
-    config = {
-        taper::model::device::keep_freed_buffers();
-        Criterion::default()
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(2))
-    };
+    config = util::config();
     targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, model_forward
 }
 criterion_main!(benches);

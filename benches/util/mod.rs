@@ -2,8 +2,21 @@
 //! 8 layers, 8 heads, vocab 8192) with random weights.
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use candle_core::{DType, Device, Tensor};
+use criterion::Criterion;
 use taper::model::Llama;
+
+/// The criterion settings of the benches, after the allocator setting the `taper`
+/// binary starts with (`keep_freed_buffers`).
+pub fn config() -> Criterion {
+    taper::model::device::keep_freed_buffers();
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+}
 
 /// Normal(0, 0.02) f32 values on the CPU.
 pub fn randn(shape: &[usize]) -> Tensor {

@@ -576,8 +576,9 @@ impl Backward1 for RopeBackward {
 // ---------------------------------------------------------------------------------------
 // SwiGLU
 
-/// `silu(gate) * up`, the Llama MLP's activation. On CUDA (f32, bf16) one kernel each way
-/// (`super::fused_cuda`); elsewhere candle's ops, whose own backward is used.
+/// `silu(gate) * up`, the Llama MLP's activation. On CUDA (f32, bf16) and the CPU (f32)
+/// one kernel each way (`super::fused_cuda`, `super::fused_cpu`); elsewhere candle's
+/// ops, whose own backward is used.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !kernels::usable_swiglu(gate, up) {
         return gate.silu()? * up;
@@ -1191,8 +1192,8 @@ mod tests {
         }
     }
 
-    /// The CUDA SwiGLU kernels against candle's ops on the CPU: value and both
-    /// gradients, f32 and bf16. Runs only in a `--features cuda` build, on a GPU.
+    /// The CUDA SwiGLU kernels against the CPU path (the CPU kernel in f32, candle's ops
+    /// in bf16): value and both gradients. Runs only in a `--features cuda` build, on a GPU.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_swiglu_kernels_match_the_cpu() {
