@@ -100,15 +100,21 @@ impl Attention {
         sin: &Tensor,
         train: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
+        let rope = Some((cos, sin));
+        let heads = |t: Tensor, n: usize, rope| {
+            if t.dim(2)? != n * hd {
+                candle_core::bail!(
+                    "a projection gave {} features for {n} heads of {hd}",
+                    t.dim(2)?
+                )
+            }
+            fused::split_heads(&t, n, rope)
         };
-        let q = heads(self.q_proj.forward_t(x, train)?, nh)?;
-        let k = heads(self.k_proj.forward_t(x, train)?, nkv)?;
-        let v = heads(self.v_proj.forward_t(x, train)?, nkv)?;
-        Ok((fused::rope(&q, cos, sin)?, fused::rope(&k, cos, sin)?, v))
+        let q = heads(self.q_proj.forward_t(x, train)?, nh, rope)?;
+        let k = heads(self.k_proj.forward_t(x, train)?, nkv, rope)?;
+        let v = heads(self.v_proj.forward_t(x, train)?, nkv, None)?;
+        Ok((q, k, v))
     }
 
     /// Attention of `s` queries over `t` keys (`t = s` without a cache), then `o_proj`.
@@ -120,10 +126,7 @@ impl Attention {
         bias: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, nh, s, hd) = q.dims4()?;
-        let out = fused::attention(q, k, v, bias)?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
+        let out = fused::merge_heads(&fused::attention(q, k, v, bias)?)?;
         self.o_proj.forward_t(&out, train)
     }
 }

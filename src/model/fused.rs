@@ -574,6 +574,77 @@ impl Backward1 for RopeBackward {
 }
 
 // ---------------------------------------------------------------------------------------
+// Heads
+
+/// A projection's output `x` `[b, s, n * hd]` as `n` heads `[b, n, s, hd]` (contiguous),
+/// each position rotated by `rope` (`cos`, `sin` `[s, hd / 2]`, as [`rope`]) when given.
+/// On the CPU in f32 one parallel pass each way (`fused_cpu::to_heads`, and
+/// `from_heads` rotating back for the backward), which copies each element once;
+/// elsewhere a transpose copy and then [`rope`].
+pub fn split_heads(x: &Tensor, n: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let (b, s, width) = x.dims3()?;
+    if n == 0 || width % n != 0 {
+        candle_core::bail!("split_heads: {width} features do not split into {n} heads")
+    }
+    let hd = width / n;
+    if fused_cpu::usable_heads(x, rope) {
+        let out = fused_cpu::to_heads(&x.detach(), (b, s, n, hd), rope, false)?;
+        let rope = rope.map(|(c, s)| (c.detach(), s.detach()));
+        let backward = HeadsBackward::Split { n, rope };
+        return attach1(x, Out::Cpu(out, (b, n, s, hd).into()), backward);
+    }
+    let heads = x.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?;
+    match rope {
+        Some((cos, sin)) => self::rope(&heads, cos, sin),
+        None => Ok(heads),
+    }
+}
+
+/// Heads `x` `[b, n, s, hd]` back to `[b, s, n * hd]`, the input layout of `o_proj`: the
+/// inverse of [`split_heads`] without a rotation.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, n, s, hd) = x.dims4()?;
+    if fused_cpu::usable_heads(x, None) {
+        let out = fused_cpu::from_heads(&x.detach(), (b, n, s, hd), None, false)?;
+        return attach1(
+            x,
+            Out::Cpu(out, (b, s, n * hd).into()),
+            HeadsBackward::Merge,
+        );
+    }
+    x.transpose(1, 2)?.reshape((b, s, n * hd))
+}
+
+enum HeadsBackward {
+    /// Of [`split_heads`] into `n` heads, with its rotation.
+    Split {
+        n: usize,
+        rope: Option<(Tensor, Tensor)>,
+    },
+    /// Of [`merge_heads`].
+    Merge,
+}
+
+impl Backward1 for HeadsBackward {
+    const NAME: &'static str = "taper-heads";
+
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = match self {
+            HeadsBackward::Split { n, rope } => {
+                let (b, s, width) = x.dims3()?;
+                let rope = rope.as_ref().map(|(c, s)| (c, s));
+                fused_cpu::from_heads(grad, (b, *n, s, width / n), rope, true)?
+            }
+            HeadsBackward::Merge => {
+                let (b, n, s, hd) = x.dims4()?;
+                fused_cpu::to_heads(grad, (b, s, n, hd), None, false)?
+            }
+        };
+        Tensor::from_vec(out, x.shape(), x.device()).map(Some)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // SwiGLU
 
 /// `silu(gate) * up`, the Llama MLP's activation. On CUDA (f32, bf16) and the CPU (f32)
@@ -665,8 +736,9 @@ impl Backward1 for RmsNormBackward {
 
 /// Mean cross-entropy of `logits` `[n, vocab]` (f32 or f64) against `labels` `[n]` (u32),
 /// each row weighted by `weights` `[n]` (same dtype as the logits; the mean divides by
-/// their sum) when given. Returns a scalar. The backward is `softmax - one_hot`, scaled,
-/// without keeping the log-softmax of the whole vocabulary for it.
+/// their sum; a row of weight 0 is left out) when given. Returns a scalar. The backward
+/// is `softmax - one_hot`, scaled, without keeping the log-softmax of the whole
+/// vocabulary for it.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     let (n, _) = logits.dims2()?;
     let x = logits.detach();
@@ -689,6 +761,9 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, weights: Option<&Tensor>)
         None => (picked.mean_all()?.neg()?, None),
         Some(w) => {
             let count = w.sum_all()?;
+            // A row of weight 0 does not count, even where its log-probability is not
+            // finite (0 * -inf would be NaN).
+            let picked = w.ne(0.0)?.where_cond(&picked, &picked.zeros_like()?)?;
             let loss = (&picked * w)?.sum_all()?.neg()?.broadcast_div(&count)?;
             (loss, Some(w.broadcast_div(&count)?.detach()))
         }
@@ -855,6 +930,70 @@ mod tests {
         xs.iter()
             .map(|x| g.get(x.as_tensor()).expect("a gradient").clone())
             .collect()
+    }
+
+    #[test]
+    fn heads_split_and_merge_match_the_composed_layout_and_rope_in_f32() {
+        // 3 heads of 6 over 5 positions; cos and sin need not be a rotation for the
+        // backward (the transpose) to be right, so any values do.
+        let (b, s, n, hd) = (2, 5, 3, 6);
+        let x = f32_var(&var(&[b, s, n * hd], 41));
+        let (cos, sin) = (
+            f32_var(&var(&[s, hd / 2], 42)).as_tensor().clone(),
+            f32_var(&var(&[s, hd / 2], 43)).as_tensor().clone(),
+        );
+        assert!(fused_cpu::usable_heads(x.as_tensor(), Some((&cos, &sin))));
+        let heads = |t: &Tensor| {
+            t.reshape((b, s, n, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let w = f32_var(&var(&[b, n, s, hd], 44));
+        for rope in [Some((&cos, &sin)), None] {
+            let ours = split_heads(x.as_tensor(), n, rope).unwrap();
+            let want = match rope {
+                Some((c, sn)) => {
+                    candle_nn::rotary_emb::rope_slow(&heads(x.as_tensor()), c, sn).unwrap()
+                }
+                None => heads(x.as_tensor()),
+            };
+            assert_eq!(ours.dims(), [b, n, s, hd]);
+            assert!(
+                rel_diff(&ours, &want) < 1e-6,
+                "split {}",
+                rel_diff(&ours, &want)
+            );
+            let (g1, g2) = (
+                &grads_of(&ours, w.as_tensor(), &[&x])[0],
+                &grads_of(&want, w.as_tensor(), &[&x])[0],
+            );
+            assert!(
+                rel_diff(g1, g2) < 1e-6,
+                "split gradient {}",
+                rel_diff(g1, g2)
+            );
+        }
+        let y = f32_var(&var(&[b, n, s, hd], 45));
+        let ours = merge_heads(y.as_tensor()).unwrap();
+        let want = y
+            .as_tensor()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, s, n * hd))
+            .unwrap();
+        assert_eq!(max_diff(&ours, &want), 0.0);
+        let w = f32_var(&var(&[b, s, n * hd], 46));
+        let (g1, g2) = (
+            &grads_of(&ours, w.as_tensor(), &[&y])[0],
+            &grads_of(&want, w.as_tensor(), &[&y])[0],
+        );
+        assert_eq!(max_diff(g1, g2), 0.0);
+        // A rotation that does not cover the positions is an error, not a panic.
+        let short = cos.narrow(0, 0, s - 1).unwrap();
+        assert!(split_heads(x.as_tensor(), n, Some((&short, &short))).is_err());
     }
 
     #[test]

@@ -397,6 +397,11 @@ fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
     par_new_from(n, chunk, None, f)
 }
 
+/// `n` zeros, written in parallel: for buffers the tasks then fill by other splits.
+fn par_zeroed(n: usize) -> Vec<f32> {
+    par_new(n, TASK_ELEMENTS, |_, _| {})
+}
+
 /// [`par_new`], with each chunk starting as the same chunk of `init` (instead of zeros)
 /// when given; `init` has `n` elements.
 fn par_new_from(
@@ -554,7 +559,7 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, T
         candle_core::bail!("swiglu: inputs of different shapes")
     }
     let n = g.elem_count();
-    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    let (mut dg, mut du) = (par_zeroed(n), par_zeroed(n));
     with_f32(g, |gs| {
         with_f32(u, |us| {
             with_f32(dy, |dys| {
@@ -577,6 +582,148 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, T
         Tensor::from_vec(dg, g.shape(), g.device())?,
         Tensor::from_vec(du, g.shape(), g.device())?,
     ))
+}
+
+/// The rotation of [`copy_rows`]: `cos`, `sin` `[positions, hd / 2]`; row `r` is rotated
+/// at position `pos + r * step`, by the angle times `sign` (-1 rotates back).
+#[derive(Clone, Copy)]
+struct Rotation<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+    pos: usize,
+    step: usize,
+    sign: f32,
+}
+
+multiversion! {
+    /// `rows` rows of `hd` elements from `src` (row `r` at `r * src.1`) to `dst` (row `r`
+    /// at `r * dst.1`), rotated when `rope` is given: the halves `(a, b)` become
+    /// `(a cos - b sin, a sin + b cos)`, the formula of candle's rope kernel.
+    fn copy_rows(
+        src: (&[f32], usize),
+        dst: (&mut [f32], usize),
+        rows: usize,
+        hd: usize,
+        rope: Option<Rotation>,
+    ) {
+        let ((src, src_stride), (dst, dst_stride)) = (src, dst);
+        let half = hd / 2;
+        for r in 0..rows {
+            let x = &src[r * src_stride..r * src_stride + hd];
+            let y = &mut dst[r * dst_stride..r * dst_stride + hd];
+            match rope {
+                None => y.copy_from_slice(x),
+                Some(rot) => {
+                    let p = (rot.pos + r * rot.step) * half;
+                    let (cos, sin) = (&rot.cos[p..p + half], &rot.sin[p..p + half]);
+                    let (xa, xb) = x.split_at(half);
+                    let (ya, yb) = y.split_at_mut(half);
+                    for j in 0..half {
+                        let (c, s) = (cos[j], sin[j] * rot.sign);
+                        ya[j] = xa[j] * c - xb[j] * s;
+                        yb[j] = xa[j] * s + xb[j] * c;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`to_heads`] and [`from_heads`] serve `x` with this rotation: f32 on the CPU,
+/// `cos` and `sin` f32 `[s, hd / 2]`.
+pub fn usable_heads(x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && rope.is_none_or(|(c, s)| {
+            c.dtype() == DType::F32
+                && s.dtype() == DType::F32
+                && c.rank() == 2
+                && c.dims() == s.dims()
+        })
+}
+
+/// Runs `f` on the rotation's cos and sin, checked to cover `s` positions of `hd`.
+fn with_rope<R>(
+    rope: Option<(&Tensor, &Tensor)>,
+    (s, hd): (usize, usize),
+    f: impl FnOnce(Option<(&[f32], &[f32])>) -> Result<R>,
+) -> Result<R> {
+    let Some((cos, sin)) = rope else {
+        return f(None);
+    };
+    if hd % 2 != 0 || cos.dims() != [s, hd / 2] || sin.dims() != [s, hd / 2] {
+        candle_core::bail!(
+            "rope: cos {:?} and sin {:?} for {s} positions of head size {hd}",
+            cos.dims(),
+            sin.dims()
+        )
+    }
+    with_f32(cos, |c| with_f32(sin, |sn| f(Some((c, sn)))))
+}
+
+/// `x` `[b, s, n * hd]` as heads `[b, n, s, hd]`, each row rotated at its position by
+/// `rope` when given (back, when `inverse`). One task per (batch, head).
+pub fn to_heads(
+    x: &Tensor,
+    (b, s, n, hd): (usize, usize, usize, usize),
+    rope: Option<(&Tensor, &Tensor)>,
+    inverse: bool,
+) -> Result<Vec<f32>> {
+    if x.elem_count() != b * s * n * hd {
+        candle_core::bail!("heads: {:?} is not [{b}, {s}, {n} x {hd}]", x.dims())
+    }
+    let sign = if inverse { -1.0 } else { 1.0 };
+    with_f32(x, |xs| {
+        with_rope(rope, (s, hd), |rope| {
+            Ok(par_new(xs.len(), s * hd, |blk, dst| {
+                let (bi, h) = (blk / n, blk % n);
+                let src = &xs[bi * s * n * hd + h * hd..];
+                let rope = rope.map(|(cos, sin)| Rotation {
+                    cos,
+                    sin,
+                    pos: 0,
+                    step: 1,
+                    sign,
+                });
+                copy_rows((src, n * hd), (dst, hd), s, hd, rope)
+            }))
+        })
+    })
+}
+
+/// The inverse of [`to_heads`]: heads `[b, n, s, hd]` to `[b, s, n * hd]`, each row
+/// rotated at its position by `rope` when given (back, when `inverse`). Tasks take rows
+/// of the output.
+pub fn from_heads(
+    x: &Tensor,
+    (b, n, s, hd): (usize, usize, usize, usize),
+    rope: Option<(&Tensor, &Tensor)>,
+    inverse: bool,
+) -> Result<Vec<f32>> {
+    if x.elem_count() != b * s * n * hd {
+        candle_core::bail!("heads: {:?} is not [{b}, {n}, {s}, {hd}]", x.dims())
+    }
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let width = n * hd;
+    let rows = rows_per_task(width);
+    with_f32(x, |xs| {
+        with_rope(rope, (s, hd), |rope| {
+            Ok(par_new(xs.len(), rows * width, |c, dst| {
+                for (r, row) in dst.chunks_exact_mut(width).enumerate() {
+                    let (bi, i) = ((c * rows + r) / s, (c * rows + r) % s);
+                    let src = &xs[(bi * n * s + i) * hd..];
+                    let rope = rope.map(|(cos, sin)| Rotation {
+                        cos,
+                        sin,
+                        pos: i,
+                        step: 0,
+                        sign,
+                    });
+                    copy_rows((src, s * hd), (row, hd), n, hd, rope)
+                }
+            }))
+        })
+    })
 }
 
 /// Checks u32 `labels` `[n]` against `logits` `[n, vocab]`.
@@ -629,25 +776,26 @@ pub fn cross_entropy_backward(
     k: &Tensor,
 ) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
-    let mut d = vec![0f32; n * vocab];
-    with_f32(logits, |x| {
+    let d = with_f32(logits, |x| {
         with_u32(labels, |labels| {
             check_labels(labels, n, vocab)?;
             with_f32(lse, |lse| {
                 with_f32(k, |k| {
+                    if lse.len() != n || k.len() != n {
+                        candle_core::bail!("cross-entropy: row factors of another length")
+                    }
                     let rows = rows_per_task(vocab);
-                    d.par_chunks_mut(rows * vocab)
-                        .zip(x.par_chunks(rows * vocab))
-                        .zip(
-                            labels
-                                .par_chunks(rows)
-                                .zip(lse.par_chunks(rows))
-                                .zip(k.par_chunks(rows)),
+                    Ok(par_new(n * vocab, rows * vocab, |i, dc| {
+                        let (r0, r) = (i * rows, dc.len() / vocab);
+                        cross_entropy_backward_rows(
+                            &x[r0 * vocab..(r0 + r) * vocab],
+                            &labels[r0..r0 + r],
+                            &lse[r0..r0 + r],
+                            &k[r0..r0 + r],
+                            dc,
+                            vocab,
                         )
-                        .for_each(|((dc, xc), ((lc, sc), kc))| {
-                            cross_entropy_backward_rows(xc, lc, sc, kc, dc, vocab)
-                        });
-                    Ok(())
+                    }))
                 })
             })
         })
@@ -751,31 +899,44 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
     let mut dst = Vec::<f32>::with_capacity(m * n);
     // Each thread takes a block of columns with a single-threaded gemm: at these sizes
     // that beats gemm's own split, most of all for few rows (1.3-1.6x at 128 rows;
-    // BENCHMARKS.md, "train (CPU)").
-    let threads = rayon::current_num_threads().min(n / COLUMN_BLOCK).max(1);
-    let width = n.div_ceil(threads).next_multiple_of(16).min(n);
+    // BENCHMARKS.md, "train (CPU)"). Too few columns for every thread (a LoRA rank, say)
+    // and enough rows: blocks of rows instead.
+    let all = rayon::current_num_threads();
+    let threads = all.min(n / COLUMN_BLOCK).max(1);
+    let by_rows = threads < all && m >= all * ROW_BLOCK;
+    let (blocks, width) = if by_rows {
+        (m, m.div_ceil(all).next_multiple_of(8).min(m))
+    } else {
+        (n, n.div_ceil(threads).next_multiple_of(16).min(n))
+    };
     let out = SendPtr(dst.as_mut_ptr());
-    let block = |c0: usize| {
-        let cols = width.min(n - c0);
-        // SAFETY: the asserts keep every read of lhs and rhs (columns c0..c0 + cols of
-        // rhs) inside their slices, and `dst` has room for the m x n result at row
-        // stride n; the blocks write disjoint columns. With `read_dst` false gemm sets
-        // alpha to zero and then, on every path (micro-kernels, gemv; k = 0 is excluded
-        // above), overwrites each element of its block without reading it, so all m * n
-        // elements are initialised when `set_len` runs.
+    let block = |start: usize| {
+        let len = width.min(blocks - start);
+        let ((rows, cols), dst_at, lhs_at, rhs_at) = if by_rows {
+            ((len, n), start * n, start * lhs.1, 0)
+        } else {
+            ((m, len), start, 0, start * rhs.2)
+        };
+        // SAFETY: the asserts keep every read of lhs and rhs (rows start..start + len of
+        // lhs, or columns start..start + len of rhs) inside their slices, and `dst` has
+        // room for the m x n result at row stride n; the blocks write disjoint rows or
+        // columns. With `read_dst` false gemm sets alpha to zero and then, on every path
+        // (micro-kernels, gemv; k = 0 is excluded above), overwrites each element of its
+        // block without reading it, so all m * n elements are initialised when `set_len`
+        // runs.
         unsafe {
             gemm::gemm(
-                m,
+                rows,
                 cols,
                 k,
-                out.get().add(c0),
+                out.get().add(dst_at),
                 1,
                 n as isize,
                 false,
-                lhs.0.as_ptr(),
+                lhs.0.as_ptr().add(lhs_at),
                 lhs.2 as isize,
                 lhs.1 as isize,
-                rhs.0.as_ptr().add(c0 * rhs.2),
+                rhs.0.as_ptr().add(rhs_at),
                 rhs.2 as isize,
                 rhs.1 as isize,
                 0.0,
@@ -787,18 +948,22 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
             )
         }
     };
-    (0..n)
+    (0..blocks)
         .step_by(width)
         .collect::<Vec<_>>()
         .into_par_iter()
         .for_each(block);
-    // SAFETY: every element was written above (the blocks cover columns 0..n).
+    // SAFETY: every element was written above (the blocks cover rows 0..m or columns
+    // 0..n).
     unsafe { dst.set_len(m * n) };
     dst
 }
 
 /// Columns a thread's block of [`matmul_new`] has at least.
 const COLUMN_BLOCK: usize = 64;
+
+/// Rows a thread's block of [`matmul_new`] has at least, when it splits by rows.
+const ROW_BLOCK: usize = 64;
 
 /// A pointer the column blocks of [`matmul_new`] share; each writes its own columns.
 #[derive(Clone, Copy)]
@@ -937,7 +1102,7 @@ pub fn attention_forward(
 ) -> Result<Vec<f32>> {
     let g = AttnShape::of(q, k, v, bias)?;
     let (rows, t, hd) = (g.rows(), g.t, g.hd);
-    let mut out = vec![0f32; q.elem_count()];
+    let mut out = par_zeroed(q.elem_count());
     if out.is_empty() || t == 0 {
         return Ok(out);
     }
@@ -1016,8 +1181,8 @@ pub fn attention_backward(
         )
     }
     let (rows, t, hd) = (g.rows(), g.t, g.hd);
-    let mut dq = vec![0f32; q.elem_count()];
-    let (mut dk, mut dv) = (vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+    let mut dq = par_zeroed(q.elem_count());
+    let (mut dk, mut dv) = (par_zeroed(k.elem_count()), par_zeroed(v.elem_count()));
     if !dq.is_empty() && t > 0 {
         let threads = g.threads_per_task(g.b * g.nkv);
         let scale = scale as f32;
@@ -1239,6 +1404,43 @@ pub fn lora_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matmul_new_splits_by_columns_or_rows_and_matches_a_plain_product() {
+        // Wide (column blocks), thin with many rows (row blocks: a LoRA rank), thin with
+        // few rows (one block), odd sizes; lhs transposed through its strides.
+        for (m, n, k) in [(130, 300, 17), (700, 8, 33), (20, 5, 9), (257, 65, 64)] {
+            let lhs: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
+                .collect();
+            let rhs: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
+                .collect();
+            let want: Vec<f64> = (0..m * n)
+                .map(|e| {
+                    let (i, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|p| lhs[p * m + i] as f64 * rhs[p * n + j] as f64)
+                        .sum()
+                })
+                .collect();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                // lhs stored k x m: element (i, p) at p * m + i.
+                let got = pool.install(|| matmul_new((m, n, k), (&lhs, 1, m), (&rhs, n, 1)));
+                assert_eq!(got.len(), m * n);
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-3,
+                        "{m}x{n}x{k} on {threads} threads, element {e}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_and_keeps_the_special_values() {

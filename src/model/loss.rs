@@ -1,7 +1,7 @@
 //! The causal language-modelling loss: mean cross-entropy of predicting token `t+1` from
 //! positions `..=t`, as transformers computes it with `labels = input_ids`.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::fused::{cross_entropy, loss_dtype};
 
@@ -11,6 +11,11 @@ use super::fused::{cross_entropy, loss_dtype};
 /// predicts is marked. Computed in f32 (f64 for f64 logits); differentiable through
 /// [`super::fused::cross_entropy`], whose backward does not keep a log-softmax of the
 /// vocabulary.
+///
+/// The logits are scored as they are, all `batch × seq` rows, with the last position of
+/// each sequence weighted 0 (it predicts nothing): narrowing them to `seq - 1` positions
+/// would copy the whole `[batch, seq - 1, vocab]` block, and its backward would pad the
+/// gradient back with another copy.
 pub fn causal_lm_loss(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -20,20 +25,26 @@ pub fn causal_lm_loss(
     if s < 2 {
         candle_core::bail!("the loss needs sequences of at least 2 tokens, got {s}")
     }
+    if input_ids.dims() != [b, s] {
+        candle_core::bail!(
+            "the loss got input ids {:?} for logits {:?}",
+            input_ids.dims(),
+            logits.dims()
+        )
+    }
     let dtype = loss_dtype(logits.dtype());
-    let logits = logits
-        .narrow(1, 0, s - 1)?
-        .to_dtype(dtype)?
-        .reshape((b * (s - 1), v))?;
-    let labels = input_ids.narrow(1, 1, s - 1)?.flatten_all()?;
-    let weights = match label_mask {
-        None => None,
-        Some(mask) => Some(
-            mask.narrow(1, 1, s - 1)?
-                .flatten_all()?
-                .ne(0u8)?
-                .to_dtype(dtype)?,
-        ),
+    let logits = logits.to_dtype(dtype)?.reshape((b * s, v))?;
+    // Row (i, j) predicts token (i, j + 1); the last row of each sequence gets label 0
+    // and weight 0.
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        let t = t.narrow(1, 1, s - 1)?;
+        Tensor::cat(&[&t, &t.narrow(1, 0, 1)?.zeros_like()?], 1)?.flatten_all()
     };
-    cross_entropy(&logits, &labels, weights.as_ref())
+    let labels = pad(input_ids)?;
+    let counts = match label_mask {
+        None => Tensor::ones((b, s), DType::U8, logits.device())?,
+        Some(mask) => mask.ne(0u8)?,
+    };
+    let weights = pad(&counts)?.to_dtype(dtype)?;
+    cross_entropy(&logits, &labels, Some(&weights))
 }
