@@ -10,6 +10,7 @@
 //! [`KvCache`] for generation.
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
+use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use super::attention::Attention;
 use super::config::ModelConfig;
@@ -101,8 +102,13 @@ impl Llama {
         let embed_tokens = m
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        // The layers load (copy out of the mapping, convert the dtype) in parallel; the
+        // first failing layer in order names the error, as a serial load would.
         let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
             .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), cfg))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {

@@ -89,28 +89,38 @@ pub enum ScoreError<E> {
     Stopped(E),
 }
 
-/// Summed loss and target count of one batch.
+/// Summed loss and target count of one batch. Every position is scored, the last of
+/// each row against a dummy target with weight 0: narrowing the logits to `len - 1`
+/// positions would copy the whole block.
 fn batch_nll(model: &Llama, batch: &[&Row]) -> candle_core::Result<(f64, u64)> {
     let device = model.device();
     let len = batch.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
     let b = batch.len();
     let mut ids = vec![0u32; b * len];
-    let mut weights = vec![0f32; b * (len - 1)];
+    let mut targets = vec![0u32; b * len];
+    let mut weights = vec![0f32; b * len];
     let mut count = 0u64;
     for (r, row) in batch.iter().enumerate() {
-        ids[r * len..r * len + row.input_ids.len()].copy_from_slice(&row.input_ids);
+        let n = row.input_ids.len();
+        ids[r * len..r * len + n].copy_from_slice(&row.input_ids);
+        if n > 1 {
+            targets[r * len..r * len + n - 1].copy_from_slice(&row.input_ids[1..]);
+        }
         for (i, &m) in row.loss_mask.iter().enumerate().skip(1) {
             if m {
-                weights[r * (len - 1) + i - 1] = 1.0;
+                weights[r * len + i - 1] = 1.0;
                 count += 1;
             }
         }
     }
     let ids = Tensor::from_vec(ids, (b, len), device)?;
+    let targets = Tensor::from_vec(targets, (b, len), device)?;
     let logits = model.forward(&ids, None, false)?;
-    let nll = token_nll(&logits.narrow(1, 0, len - 1)?, &ids.narrow(1, 1, len - 1)?)?;
-    let w = Tensor::from_vec(weights, (b, len - 1), &Device::Cpu)?.to_device(device)?;
-    let sum = (nll.to_dtype(DType::F32)? * w)?
+    let nll = token_nll(&logits, &targets)?.to_dtype(DType::F32)?;
+    let w = Tensor::from_vec(weights, (b, len), &Device::Cpu)?.to_device(device)?;
+    // A position of weight 0 adds nothing, whatever its loss (0 * inf would be NaN).
+    let nll = w.ne(0f32)?.where_cond(&nll, &nll.zeros_like()?)?;
+    let sum = (nll * w)?
         .to_dtype(DType::F64)?
         .sum_all()?
         .to_scalar::<f64>()?;
