@@ -1,6 +1,6 @@
 //! Benchmarks of the model math: LoRA linear forward (size and rank scaling), the
-//! differentiable softmax and RMSNorm against candle's fused kernels, forward+backward
-//! of a LoRA layer with the frozen-linear op against a plain matmul, and the forward of a
+//! differentiable softmax, RMSNorm and layer norm against candle's fused kernels,
+//! forward+backward of a LoRA layer with the frozen-linear op against a plain matmul, and the forward of a
 //! small Llama built from random weights. Sample sizes are small; run with
 //! `cargo bench --bench lora`. `benches/lora_torch.py` times the same shapes in PyTorch.
 
@@ -8,6 +8,7 @@ use candle_core::{Device, ModuleT, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use taper::model::attention::softmax_last_dim;
 use taper::model::frozen::FrozenLinear;
+use taper::model::fused;
 use taper::model::lora::{LoraBranch, LoraLinear};
 use taper::model::norm::RmsNorm;
 
@@ -96,6 +97,9 @@ fn layer_norm(c: &mut Criterion) {
     let mut group = c.benchmark_group("layer_norm_4x128x2048");
     let x = randn(&[BATCH, SEQ, 2048]);
     let (w, b) = (randn(&[2048]), randn(&[2048]));
+    group.bench_function("taper_differentiable", |bench| {
+        bench.iter(|| fused::layer_norm(&x, &w, &b, 1e-5).unwrap())
+    });
     group.bench_function("candle_fused_no_backward", |bench| {
         bench.iter(|| candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap())
     });

@@ -481,18 +481,19 @@ pub fn lora_linear(
     let Some((&i, lead)) = dims.split_last() else {
         return Ok(None);
     };
-    let x2 = x.reshape((lead.iter().product::<usize>(), i))?;
-    let out = fused_cpu::lora_forward(&x2.detach(), w, bias, &a.detach(), &b.detach(), scale)?;
-    let out = Out::Cpu(out, Shape::from((x2.dim(0)?, w.dim(0)?)));
+    // The op takes `x` as it is and gives `y` in its shape: reshape nodes around it would
+    // each cost candle's backward a zeroed buffer and an add of the whole gradient.
+    let m = lead.iter().product::<usize>();
+    let x2 = x.detach().reshape((m, i))?;
+    let out = fused_cpu::lora_forward(&x2, w, bias, &a.detach(), &b.detach(), scale)?;
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
     let op = LoraBackward {
         weight: w.detach(),
         scale,
-        need_dx: x2.track_op(),
+        need_dx: x.track_op(),
     };
-    let y = attach3(&x2, a, b, out, op)?;
-    let mut shape = lead.to_vec();
-    shape.push(w.dim(0)?);
-    y.reshape(shape).map(Some)
+    attach3(x, a, b, Out::Cpu(out, Shape::from(shape)), op).map(Some)
 }
 
 struct LoraBackward {
@@ -506,8 +507,18 @@ impl Backward3 for LoraBackward {
     const NAME: &'static str = "taper-lora-linear";
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        // The kernels take the rows flat; `dx` goes back in `x`'s shape.
+        let (i, o) = (
+            x.dims().last().copied().unwrap_or(1),
+            grad.dims().last().copied().unwrap_or(1),
+        );
+        let (x2, g2) = (x.reshape(((), i))?, grad.reshape(((), o))?);
         let (dx, da, db) =
-            fused_cpu::lora_backward(x, &self.weight, a, b, grad, self.scale, self.need_dx)?;
+            fused_cpu::lora_backward(&x2, &self.weight, a, b, &g2, self.scale, self.need_dx)?;
+        let dx = match dx {
+            Some(dx) => Some(dx.reshape(x.shape())?),
+            None => None,
+        };
         Ok((dx, Some(da), Some(db)))
     }
 }
@@ -517,27 +528,25 @@ impl Backward3 for LoraBackward {
 
 /// Softmax over the last dimension, differentiable. f32 on the CPU runs
 /// [`fused_cpu::softmax_forward`] (one pass a row, vectorised `exp`) with its backward
-/// `p * (g - sum(p * g))`; elsewhere candle's ops with the max shift as a constant.
+/// `p * (g - sum(p * g))`, `p` recomputed there; elsewhere candle's ops with the max
+/// shift as a constant.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused_cpu::usable_softmax(x) {
         let p = fused_cpu::softmax_forward(&x.detach())?;
-        return attach1(x, p.clone(), SoftmaxBackward { p });
+        return attach1(x, Out::Cpu(p, x.shape().clone()), SoftmaxBackward);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-struct SoftmaxBackward {
-    /// The forward's output.
-    p: Tensor,
-}
+struct SoftmaxBackward;
 
 impl Backward1 for SoftmaxBackward {
     const NAME: &'static str = "taper-softmax";
 
-    fn bwd(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        fused_cpu::softmax_backward(&self.p, grad).map(Some)
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fused_cpu::softmax_backward(x, grad).map(Some)
     }
 }
 
@@ -698,6 +707,39 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             eps,
         },
     )
+}
+
+/// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`,
+/// differentiable with respect to `x`; `w` and `b` are frozen, as base weights are. No
+/// model taper loads has one (Llama and Qwen2 use RMSNorm): it is here for the seed's
+/// benchmark suite and for architectures to come. On the CPU in f32 one pass a row each
+/// way (`fused_cpu`); elsewhere candle's ops.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (w, b) = (w.detach(), b.detach());
+    if fused_cpu::usable_norm(x, &w) && b.dtype() == DType::F32 {
+        let out = fused_cpu::layer_norm_forward(&x.detach(), &w, &b, eps)?;
+        let backward = LayerNormBackward { weight: w, eps };
+        return attach1(x, Out::Cpu(out, x.shape().clone()), backward);
+    }
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&w)?
+        .broadcast_add(&b)
+}
+
+struct LayerNormBackward {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Backward1 for LayerNormBackward {
+    const NAME: &'static str = "taper-layer-norm";
+
+    fn bwd(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fused_cpu::layer_norm_backward(x, &self.weight, grad, self.eps).map(Some)
+    }
 }
 
 /// `1 / sqrt(mean(x^2) + eps)` over the last dimension, keeping it.
@@ -930,6 +972,43 @@ mod tests {
         xs.iter()
             .map(|x| g.get(x.as_tensor()).expect("a gradient").clone())
             .collect()
+    }
+
+    #[test]
+    fn layer_norm_kernel_matches_the_composed_ops() {
+        // Rows of 37 (a tail after the 16-lane sums), offset from zero so the mean
+        // matters; the f64 copy takes the composed path.
+        let x64 =
+            Var::from_tensor(&var(&[3, 5, 37], 51).as_tensor().affine(3.0, 2.0).unwrap()).unwrap();
+        let x = f32_var(&x64);
+        let (w64, b64) = (
+            var(&[37], 52).as_tensor().clone(),
+            var(&[37], 53).as_tensor().clone(),
+        );
+        let (w, b) = (
+            w64.to_dtype(DType::F32).unwrap(),
+            b64.to_dtype(DType::F32).unwrap(),
+        );
+        assert!(fused_cpu::usable_norm(x.as_tensor(), &w));
+        let ours = layer_norm(x.as_tensor(), &w, &b, 1e-5).unwrap();
+        let want = layer_norm(x64.as_tensor(), &w64, &b64, 1e-5).unwrap();
+        let want32 = want.to_dtype(DType::F32).unwrap();
+        assert!(
+            rel_diff(&ours, &want32) < 1e-6,
+            "layer norm {}",
+            rel_diff(&ours, &want32)
+        );
+        let dy = var(&[3, 5, 37], 54);
+        let dy32 = dy.as_tensor().to_dtype(DType::F32).unwrap();
+        let g1 = &grads_of(&ours, &dy32, &[&x])[0];
+        let g2 = grads_of(&want, dy.as_tensor(), &[&x64])[0]
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert!(
+            rel_diff(g1, &g2) < 1e-5,
+            "layer norm gradient {}",
+            rel_diff(g1, &g2)
+        );
     }
 
     #[test]

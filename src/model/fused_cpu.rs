@@ -167,6 +167,16 @@ fn rms_inverse(x: &[f32], eps: f32) -> f32 {
     1.0 / (sq / x.len() as f32 + eps).sqrt()
 }
 
+/// The mean of `x` and `1 / sqrt(var(x) + eps)`, the variance from a second pass over
+/// the deviations (no cancellation), biased as layer norms take it.
+#[inline(always)]
+fn mean_inverse(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x) / n;
+    let var = lane_sum3(x, x, x, |v, _, _| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 // ---------------------------------------------------------------------------------------
 // Multiversioned loops: each body is compiled three times (AVX-512, AVX2 + FMA, and the
 // build's baseline) and the best the CPU runs is picked at run time.
@@ -230,6 +240,35 @@ multiversion! {
             let mean = dot / h as f32;
             for (j, d) in dxr.iter_mut().enumerate() {
                 *d = (dyr[j] * w[j] - xr[j] * inv * mean) * inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+        let h = w.len();
+        for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let (mean, inv) = mean_inverse(xr, eps);
+            for (j, yj) in yr.iter_mut().enumerate() {
+                *yj = ((xr[j] - mean) * inv) * w[j] + b[j];
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn layer_norm_backward_rows(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+        let h = w.len();
+        for (i, dxr) in dx.chunks_exact_mut(h).enumerate() {
+            let (xr, dyr) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h]);
+            let (mean, inv) = mean_inverse(xr, eps);
+            // dx = (g - mean(g) - n * mean(g * n)) * inv with n = (x - mean) * inv and
+            // g = dy * w.
+            let mg = lane_sum3(dyr, w, w, |d, w, _| d * w) / h as f32;
+            let mgn = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * ((x - mean) * inv)) / h as f32;
+            for (j, d) in dxr.iter_mut().enumerate() {
+                *d = (dyr[j] * w[j] - mg - ((xr[j] - mean) * inv) * mgn) * inv;
             }
         }
     }
@@ -454,48 +493,42 @@ pub fn usable_softmax(x: &Tensor) -> bool {
 }
 
 /// `softmax(x)` over the last dimension.
-pub fn softmax_forward(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_forward(x: &Tensor) -> Result<Vec<f32>> {
     let t = x.dims().last().copied().unwrap_or(1).max(1);
     let task = rows_per_task(t) * t;
-    let p = with_f32(x, |xs| {
+    with_f32(x, |xs| {
         Ok(par_new_from(xs.len(), task, Some(xs), |_, pc| {
             softmax_block(pc, t, 0, 1, None, 1.0)
         }))
-    })?;
-    Tensor::from_vec(p, x.shape(), x.device())
+    })
 }
 
-/// The input gradient of [`softmax_forward`] from its output `p` and the output's
-/// gradient `dy`: `p * (dy - sum(p * dy))` per row.
-pub fn softmax_backward(p: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    if p.dims() != dy.dims() {
-        candle_core::bail!(
-            "softmax: gradient {:?} for output {:?}",
-            dy.dims(),
-            p.dims()
-        )
+/// The input gradient of [`softmax_forward`] given the output's gradient `dy`:
+/// `p * (dy - sum(p * dy))` per row, with `p` recomputed from `x` a task at a time (in
+/// cache), so the forward need not keep a copy of its output.
+pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if x.dims() != dy.dims() {
+        candle_core::bail!("softmax: gradient {:?} for input {:?}", dy.dims(), x.dims())
     }
-    let t = p.dims().last().copied().unwrap_or(1).max(1);
+    let t = x.dims().last().copied().unwrap_or(1).max(1);
     let task = rows_per_task(t) * t;
     let dx = with_f32(dy, |d| {
-        with_f32(p, |ps| {
+        with_f32(x, |xs| {
             Ok(par_new_from(d.len(), task, Some(d), |i, dc| {
-                softmax_grad_block(&ps[i * task..i * task + dc.len()], dc, t, 1.0)
+                let mut p = xs[i * task..i * task + dc.len()].to_vec();
+                softmax_block(&mut p, t, 0, 1, None, 1.0);
+                softmax_grad_block(&p, dc, t, 1.0)
             }))
         })
     })?;
-    Tensor::from_vec(dx, p.shape(), p.device())
+    Tensor::from_vec(dx, x.shape(), x.device())
 }
 
 /// Checks `weight` `[h]` against `x` `[..., h]` and returns `h`.
 fn norm_width(x: &Tensor, weight: &Tensor) -> Result<usize> {
     let h = weight.dim(0)?;
     if x.dims().last() != Some(&h) || h == 0 {
-        candle_core::bail!(
-            "rms norm: weight {:?} for input {:?}",
-            weight.dims(),
-            x.dims()
-        )
+        candle_core::bail!("norm: weight {:?} for input {:?}", weight.dims(), x.dims())
     }
     Ok(h)
 }
@@ -511,6 +544,49 @@ pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>> {
             }))
         })
     })
+}
+
+/// Layer norm of `x` over its last dimension, `(x - mean) * inv * w + b`: one pass a row,
+/// rows split over the threads.
+pub fn layer_norm_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Vec<f32>> {
+    let h = norm_width(x, w)?;
+    if b.dims() != w.dims() {
+        candle_core::bail!("layer norm: bias {:?} for weight {:?}", b.dims(), w.dims())
+    }
+    let task = rows_per_task(h) * h;
+    with_f32(x, |xs| {
+        with_f32(w, |w| {
+            with_f32(b, |b| {
+                Ok(par_new(xs.len(), task, |i, yc| {
+                    layer_norm_rows(&xs[i * task..i * task + yc.len()], w, b, yc, eps as f32)
+                }))
+            })
+        })
+    })
+}
+
+/// The input gradient of [`layer_norm_forward`] given the output's gradient `dy`.
+pub fn layer_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = norm_width(x, w)?;
+    if dy.dims() != x.dims() {
+        candle_core::bail!(
+            "layer norm: gradient {:?} for input {:?}",
+            dy.dims(),
+            x.dims()
+        )
+    }
+    let task = rows_per_task(h) * h;
+    let dx = with_f32(x, |xs| {
+        with_f32(w, |w| {
+            with_f32(dy, |dys| {
+                Ok(par_new(xs.len(), task, |i, dxc| {
+                    let range = i * task..i * task + dxc.len();
+                    layer_norm_backward_rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
+                }))
+            })
+        })
+    })?;
+    Tensor::from_vec(dx, x.shape(), x.device())
 }
 
 /// The input gradient of [`rms_forward`] given the output's gradient `dy`.
