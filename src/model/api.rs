@@ -75,6 +75,9 @@ pub fn forward_logits(
     dtype: DType,
 ) -> Result<Tensor, ModelError> {
     let mut model = load_model(model_dir, dtype, device)?;
+    model
+        .store_transposed()
+        .ctx(|| format!("{}: setting up for inference", model_dir.display()))?;
     if let Some(dir) = adapter_dir {
         let adapter = formats::read_adapter(dir)?;
         attach_adapter(&mut model, &adapter, None)?;

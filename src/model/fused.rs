@@ -1223,32 +1223,37 @@ mod tests {
             let up = down.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
             (base + (up * 1.5).unwrap()).unwrap()
         };
-        let ours = lora_linear(
-            x.as_tensor(),
-            &w,
-            Some(&bias),
-            a.as_tensor(),
-            b.as_tensor(),
-            1.5,
-        )
-        .unwrap()
-        .expect("the CPU kernel serves f32");
-        let want = composed(x.as_tensor());
-        assert_eq!(ours.dims(), [2, 9, 21]);
-        assert!(
-            rel_diff(&ours, &want) < 1e-6,
-            "lora linear {}",
-            rel_diff(&ours, &want)
-        );
+        // The weight as loaded, and as inference stores it (its transpose, viewed back).
+        let w_t = w.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert_eq!(w_t.layout().stride(), [1, 21]);
         let dy = f32_var(&var(&[2, 9, 21], 56));
-        let g1 = grads_of(&ours, dy.as_tensor(), &[&x, &a, &b]);
-        let g2 = grads_of(&want, dy.as_tensor(), &[&x, &a, &b]);
-        for (name, (p, q)) in ["x", "A", "B"].iter().zip(g1.iter().zip(&g2)) {
+        for w_stored in [&w, &w_t] {
+            let ours = lora_linear(
+                x.as_tensor(),
+                w_stored,
+                Some(&bias),
+                a.as_tensor(),
+                b.as_tensor(),
+                1.5,
+            )
+            .unwrap()
+            .expect("the CPU kernel serves f32");
+            let want = composed(x.as_tensor());
+            assert_eq!(ours.dims(), [2, 9, 21]);
             assert!(
-                rel_diff(p, q) < 1e-5,
-                "gradient of {name}: {}",
-                rel_diff(p, q)
+                rel_diff(&ours, &want) < 1e-6,
+                "lora linear {}",
+                rel_diff(&ours, &want)
             );
+            let g1 = grads_of(&ours, dy.as_tensor(), &[&x, &a, &b]);
+            let g2 = grads_of(&want, dy.as_tensor(), &[&x, &a, &b]);
+            for (name, (p, q)) in ["x", "A", "B"].iter().zip(g1.iter().zip(&g2)) {
+                assert!(
+                    rel_diff(p, q) < 1e-5,
+                    "gradient of {name}: {}",
+                    rel_diff(p, q)
+                );
+            }
         }
         // An input that needs no gradient gets none (and costs no product).
         let xc = x.as_tensor().detach();

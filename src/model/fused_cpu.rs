@@ -1057,7 +1057,66 @@ unsafe impl Sync for SendPtr {}
 
 /// `x W^T` for `x` `[m, k]` and `w` `[n, k]`, row-major slices: a linear layer's forward.
 pub fn linear(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
-    matmul_new((m, n, k), (x, k, 1), (w, 1, k))
+    linear_with(
+        x,
+        Matrix {
+            data: w,
+            rs: k,
+            cs: 1,
+        },
+        (m, n, k),
+    )
+}
+
+/// [`linear`] with the weight `[n, k]` as it is stored.
+pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    matmul_new((m, n, k), (x, k, 1), w.transposed())
+}
+
+/// A 2-D f32 matrix as stored: element `(i, j)` at `i * rs + j * cs` of `data`. A frozen
+/// weight `[out, in]` is row-major as loaded, or column-major when the model was set up
+/// for inference ([`crate::model::frozen::FrozenLinear::store_transposed`]): the forward's
+/// product then reads it without gemm packing it first.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// The matrix as a product operand.
+    fn operand(self) -> Operand<'a> {
+        (self.data, self.rs, self.cs)
+    }
+
+    /// Its transpose as a product operand.
+    fn transposed(self) -> Operand<'a> {
+        (self.data, self.cs, self.rs)
+    }
+}
+
+/// Runs `f` on a 2-D f32 CPU tensor as a [`Matrix`], row-major or column-major as it is
+/// stored (any other layout is made contiguous first).
+pub fn with_matrix<R>(t: &Tensor, f: impl FnOnce(Matrix) -> Result<R>) -> Result<R> {
+    let (r, c) = t.dims2()?;
+    let compact = {
+        let layout = t.layout();
+        let (rs, cs) = (layout.stride()[0], layout.stride()[1]);
+        ((cs == 1 && rs == c) || (rs == 1 && cs == r)).then_some((layout.start_offset(), rs, cs))
+    };
+    let Some((start, rs, cs)) = compact else {
+        return with_f32(t, |data| f(Matrix { data, rs: c, cs: 1 }));
+    };
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => f(Matrix {
+            data: &v[start..start + r * c],
+            rs,
+            cs,
+        }),
+        _ => candle_core::bail!("cpu kernel: expected an f32 matrix on the CPU"),
+    }
 }
 
 /// `g W` for `g` `[..., n]` and `w` `[n, k]`: a linear layer's input gradient, shaped as
@@ -1075,7 +1134,7 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let m = g.elem_count() / n.max(1);
     let dx = with_f32(g, |gs| {
-        with_f32(w, |ws| Ok(matmul_new((m, k, n), (gs, n, 1), (ws, k, 1))))
+        with_matrix(w, |w| Ok(matmul_new((m, k, n), (gs, n, 1), w.operand())))
     })?;
     Tensor::from_vec(dx, shape, g.device())
 }
@@ -1395,10 +1454,10 @@ pub fn lora_forward(
     let (m, i, o, r) = lora_dims(x, w, a, b)?;
     let threads = rayon::current_num_threads();
     let mut y = with_f32(x, |xs| {
-        with_f32(w, |ws| {
+        with_matrix(w, |wm| {
             with_f32(a, |as_| {
                 with_f32(b, |bs| {
-                    let mut y = linear(xs, ws, (m, o, i));
+                    let mut y = linear_with(xs, wm, (m, o, i));
                     let t = linear(xs, as_, (m, r, i));
                     let up = ((&t[..], r, 1), (bs, 1, r));
                     scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
@@ -1440,7 +1499,7 @@ pub fn lora_backward(
     }
     let (threads, s) = (rayon::current_num_threads(), s as f32);
     let (dx, mut da, mut db) = with_f32(x, |xs| {
-        with_f32(w, |ws| {
+        with_matrix(w, |wm| {
             with_f32(a, |as_| {
                 with_f32(b, |bs| {
                     with_f32(g, |gs| {
@@ -1448,7 +1507,7 @@ pub fn lora_backward(
                         let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
                         let t = linear(xs, as_, (m, r, i));
                         let dx = need_dx.then(|| {
-                            let mut dx = matmul_new((m, i, o), (gs, o, 1), (ws, i, 1));
+                            let mut dx = matmul_new((m, i, o), (gs, o, 1), wm.operand());
                             let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
                             scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);
                             dx

@@ -100,6 +100,12 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
+    /// Re-stores the frozen base weight transposed, for inference:
+    /// [`FrozenLinear::store_transposed`].
+    pub fn store_transposed(&mut self) -> candle_core::Result<()> {
+        self.base.store_transposed()
+    }
+
     /// A layer named `name` (the module path, e.g. `model.layers.0.self_attn.q_proj`).
     pub fn new(name: impl Into<String>, base: FrozenLinear) -> Self {
         Self {
