@@ -20,8 +20,15 @@ const BATCH: usize = 4;
 const SEQ: usize = 128;
 
 /// A `d x d` LoRA linear of rank `r`; A and B are `Var`s when `trainable`.
+/// A `d x d` LoRA linear of rank `r`. With `trainable`, A and B are variables and the base
+/// weight keeps the layout training uses; otherwise the layer is set up as taper's
+/// inference paths (eval, generate) set it up, its weight stored transposed
+/// (`FrozenLinear::store_transposed`).
 fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
     let mut layer = LoraLinear::new("bench", FrozenLinear::new(randn(&[d, d]), None));
+    if !trainable {
+        layer.store_transposed().unwrap();
+    }
     let (a, b) = (randn(&[r, d]), randn(&[d, r]));
     let vars = if trainable {
         vec![Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap()]

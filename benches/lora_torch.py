@@ -1,16 +1,20 @@
 """PyTorch counterpart of benches/lora.rs: the same shapes, timed the same way (mean of
 repeated calls after a warm-up), so taper/PyTorch ratios can be taken on one machine.
 
-    python3 benches/lora_torch.py [threads]       (default 2; set RAYON_NUM_THREADS to the
-                                                    same number for `cargo bench --bench lora`)
+    python3 benches/lora_torch.py [threads] [filter]   (default 2; set RAYON_NUM_THREADS to
+                                                         the same number for `cargo bench
+                                                         --bench lora`; only the cases whose
+                                                         name contains `filter`, when given)
 
-Prints one line per case: criterion's group/name, and milliseconds per call."""
+Prints one line per case: criterion's group/name, milliseconds per call (mean), and the
+mean of the fastest window of calls (about 0.1 s each, as a criterion sample). `benches/lora_compare.py` runs this and the criterion suite in turns."""
 import sys
 import time
 
 import torch
 
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+only = sys.argv[2] if len(sys.argv) > 2 else ""
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 B, S = 4, 128
@@ -20,13 +24,22 @@ def randn(*shape, grad=False):
     return (torch.randn(*shape) * 0.02).requires_grad_(grad)
 
 
-def bench(name, f, seconds=2.0):
+def bench(name, f, seconds=2.0, window=0.1):
+    if only not in name:
+        return
     f()  # warm-up
-    n, t0 = 0, time.perf_counter()
+    n, t0, best = 0, time.perf_counter(), float("inf")
     while time.perf_counter() - t0 < seconds:
-        f()
-        n += 1
-    print(f"{name:48} {(time.perf_counter() - t0) / n * 1e3:9.3f} ms")
+        # Calls in windows of about `window` seconds; the fastest window's mean per call
+        # is what criterion's fastest sample is for taper (lora_compare.py).
+        w0, k = time.perf_counter(), 0
+        while k == 0 or time.perf_counter() - w0 < window:
+            f()
+            k += 1
+        best = min(best, (time.perf_counter() - w0) / k)
+        n += k
+    mean = (time.perf_counter() - t0) / n
+    print(f"{name:48} {mean * 1e3:9.3f} ms   (fastest window {best * 1e3:.3f} ms)")
 
 
 def lora(x, w, a, b, scale=2.0):
@@ -65,6 +78,8 @@ def fwd_bwd():
 bench("lora_fwd_bwd_d2048_r16", fwd_bwd)
 
 try:
+    if only not in "llama_h512_l8_forward":
+        raise ImportError
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=8, vocab_size=8192,
@@ -76,4 +91,5 @@ try:
         with torch.no_grad():
             bench(f"llama_h512_l8_forward/1x128 ({attn} attention)", lambda: model(ids))
 except ImportError:
-    print("llama_h512_l8_forward: skipped (transformers not installed)")
+    if only in "llama_h512_l8_forward":
+        print("llama_h512_l8_forward: skipped (transformers not installed)")

@@ -459,17 +459,19 @@ fn par_new_from(
         .par_chunks_mut(chunk)
         .enumerate()
         .for_each(|(i, c)| {
+            // One memcpy or memset each (an element-wise loop here was a fifth of the
+            // softmax's time).
             match init {
                 Some(init) => {
-                    for (e, &x) in c.iter_mut().zip(&init[i * chunk..]) {
-                        e.write(x);
+                    let src = &init[i * chunk..i * chunk + c.len()];
+                    // SAFETY: `src` has `c.len()` elements (checked by the slicing), and
+                    // the two buffers are distinct allocations.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), c.as_mut_ptr().cast(), c.len())
                     }
                 }
-                None => {
-                    for e in c.iter_mut() {
-                        e.write(0.0);
-                    }
-                }
+                // SAFETY: writes `c.len()` zeroed f32s (all-zero bits are 0.0) inside `c`.
+                None => unsafe { std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len()) },
             }
             // SAFETY: every element of `c` was initialised just above, and
             // `MaybeUninit<f32>` has the layout of `f32`.
