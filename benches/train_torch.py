@@ -1,7 +1,8 @@
 """PyTorch + PEFT reference for benches/train_compare.sh and benches/train_compare_gpu.sh:
 the same random-weight Llama as examples/train_bench.rs, LoRA r 8 (alpha 16) on q_proj and
 v_proj, AdamW, gradient clipping at 1.0, eager mode (no torch.compile). Prints training
-tokens/s (first step excluded) and, on CUDA, the peak allocated GPU memory.
+tokens/s (first step excluded; also the fastest step) and, on CUDA, the peak allocated
+GPU memory.
 
   python3 benches/train_torch.py [steps] [threads] [--size bench|gpu] [--device cpu|cuda]
                                  [--dtype f32|bf16] [--attn eager|sdpa]
@@ -74,6 +75,7 @@ rest = rates[1:]
 line = (f"torch tokens/s {sum(rest) / len(rest):.1f} over {len(rest)} steps "
         f"(batch {batch} x {seq}, {a.device}, {a.dtype}, attn {a.attn}, adapter dtype "
         f"{params[0].dtype})")
+fastest = f"; fastest step {max(rest):.1f}"
 if a.device == "cuda":
     line += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-print(line)
+print(line + fastest)

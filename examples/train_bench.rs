@@ -232,8 +232,10 @@ fn main() -> anyhow::Result<()> {
     // The first step warms caches and allocators; report the rest.
     let rest = &rates[1.min(rates.len())..];
     let mean = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
+    // The fastest step too: on a shared machine, interference only ever slows a step.
+    let fastest = rest.iter().copied().fold(0.0, f64::max);
     println!(
-        "taper tokens/s {mean:.1} over {} steps (batch {} x {}, {device}, {dtype})",
+        "taper tokens/s {mean:.1} over {} steps (batch {} x {}, {device}, {dtype}); fastest step {fastest:.1}",
         rest.len(),
         z.batch,
         z.seq

@@ -48,8 +48,9 @@ impl FrozenLinear {
     /// loaded copy is dropped unless something else holds it (a tied embedding does).
     /// Other devices and dtypes keep their layout.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
-        if self.weight.device().is_cpu() && self.weight.dtype() == DType::F32 {
-            self.weight = self.weight.t()?.contiguous()?.t()?;
+        let w = &self.weight;
+        if w.device().is_cpu() && w.dtype() == DType::F32 && w.layout().stride()[1] == 1 {
+            self.weight = super::fused_cpu::transpose(w)?.t()?;
         }
         Ok(())
     }

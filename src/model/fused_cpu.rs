@@ -1098,6 +1098,28 @@ impl<'a> Matrix<'a> {
     }
 }
 
+/// The contiguous transpose `[c, r]` of an f32 CPU matrix `[r, c]`, in tiles of 32 x 32
+/// over the threads (candle's strided copy runs on one thread).
+pub fn transpose(t: &Tensor) -> Result<Tensor> {
+    const TILE: usize = 32;
+    let (r, c) = t.dims2()?;
+    let out = with_matrix(t, |m| {
+        // Output rows j..j + TILE (input columns) per task.
+        Ok(par_new(r * c, TILE * r, |blk, dst| {
+            let j0 = blk * TILE;
+            let cols = dst.len() / r.max(1);
+            for i0 in (0..r).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(r) {
+                    for jj in 0..cols {
+                        dst[jj * r + i] = m.data[i * m.rs + (j0 + jj) * m.cs];
+                    }
+                }
+            }
+        }))
+    })?;
+    Tensor::from_vec(out, (c, r), t.device())
+}
+
 /// Runs `f` on a 2-D f32 CPU tensor as a [`Matrix`], row-major or column-major as it is
 /// stored (any other layout is made contiguous first).
 pub fn with_matrix<R>(t: &Tensor, f: impl FnOnce(Matrix) -> Result<R>) -> Result<R> {
@@ -1541,6 +1563,24 @@ pub fn lora_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_matches_candles_over_partial_tiles() {
+        // 37 x 70: tiles of 32 leave remainders both ways; also a transposed input.
+        let t = Tensor::arange(0f32, 37.0 * 70.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((37, 70))
+            .unwrap();
+        for input in [t.clone(), t.t().unwrap()] {
+            let ours = transpose(&input).unwrap();
+            let want = input.t().unwrap().contiguous().unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            assert_eq!(
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
 
     #[test]
     fn matmul_new_splits_by_columns_or_rows_and_matches_a_plain_product() {
