@@ -45,7 +45,11 @@ pub fn run(cfg: &EvalConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
     };
     let model = adapted.as_ref().unwrap_or(&base);
 
+    let scoring = std::time::Instant::now();
     let eval = score_rows(ctx, model, &rows, cfg.batch_size, "eval")?;
+    // Throughput of the scoring alone (no load): a ledger metric only, so the report
+    // stays a function of its inputs.
+    let tokens_per_s = eval.tokens as f64 / scoring.elapsed().as_secs_f64().max(1e-9);
     let base_score = match (cfg.compare_base, &adapted) {
         (false, _) => None,
         (true, Some(_)) => Some(score_rows(ctx, &base, &rows, cfg.batch_size, "base")?),
@@ -57,6 +61,7 @@ pub fn run(cfg: &EvalConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
     ctx.metric(0, "eval/perplexity", eval.perplexity);
     ctx.metric(0, "eval/tokens", eval.tokens as f64);
     ctx.metric(0, "eval/rows", eval.rows as f64);
+    ctx.metric(0, "eval/tokens_per_s", tokens_per_s);
     if let Some(b) = base_score {
         ctx.metric(0, "eval/base_loss", b.loss);
         ctx.metric(0, "eval/base_perplexity", b.perplexity);
