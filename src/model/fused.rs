@@ -481,8 +481,8 @@ pub fn lora_linear(
     let Some((&i, lead)) = dims.split_last() else {
         return Ok(None);
     };
-    // The op takes `x` as it is and gives `y` in its shape: reshape nodes around it would
-    // each cost candle's backward a zeroed buffer and an add of the whole gradient.
+    // The op takes `x` as it is and gives `y` in its shape: no reshape nodes around it in
+    // the graph.
     let m = lead.iter().product::<usize>();
     let x2 = x.detach().reshape((m, i))?;
     let out = fused_cpu::lora_forward(&x2, w, bias, &a.detach(), &b.detach(), scale)?;
