@@ -569,37 +569,29 @@ pub fn layer_norm_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
 
 /// The input gradient of [`layer_norm_forward`] given the output's gradient `dy`.
 pub fn layer_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
-    let h = norm_width(x, w)?;
-    if dy.dims() != x.dims() {
-        candle_core::bail!(
-            "layer norm: gradient {:?} for input {:?}",
-            dy.dims(),
-            x.dims()
-        )
-    }
-    let task = rows_per_task(h) * h;
-    let dx = with_f32(x, |xs| {
-        with_f32(w, |w| {
-            with_f32(dy, |dys| {
-                Ok(par_new(xs.len(), task, |i, dxc| {
-                    let range = i * task..i * task + dxc.len();
-                    layer_norm_backward_rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
-                }))
-            })
-        })
-    })?;
-    Tensor::from_vec(dx, x.shape(), x.device())
+    norm_backward(x, w, dy, eps, "layer norm", layer_norm_backward_rows)
 }
 
 /// The input gradient of [`rms_forward`] given the output's gradient `dy`.
 pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    norm_backward(x, w, dy, eps, "rms norm", rms_backward_rows)
+}
+
+/// A norm's backward over a task's rows: `(x, weight, dy, dx, eps)`.
+type NormBackwardRows = fn(&[f32], &[f32], &[f32], &mut [f32], f32);
+
+/// A row norm's input gradient: `rows` takes a task's rows of `x` and `dy` to `dx`.
+fn norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    name: &str,
+    rows: NormBackwardRows,
+) -> Result<Tensor> {
     let h = norm_width(x, w)?;
     if dy.dims() != x.dims() {
-        candle_core::bail!(
-            "rms norm: gradient {:?} for input {:?}",
-            dy.dims(),
-            x.dims()
-        )
+        candle_core::bail!("{name}: gradient {:?} for input {:?}", dy.dims(), x.dims())
     }
     let task = rows_per_task(h) * h;
     let dx = with_f32(x, |xs| {
@@ -607,7 +599,7 @@ pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
             with_f32(dy, |dys| {
                 Ok(par_new(xs.len(), task, |i, dxc| {
                     let range = i * task..i * task + dxc.len();
-                    rms_backward_rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
+                    rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
                 }))
             })
         })
