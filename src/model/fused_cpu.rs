@@ -665,6 +665,13 @@ struct Rotation<'a> {
     sign: f32,
 }
 
+impl Rotation<'_> {
+    /// The same rotation with row `r` at position `pos + r * step`.
+    fn at(self, pos: usize, step: usize) -> Self {
+        Self { pos, step, ..self }
+    }
+}
+
 multiversion! {
     /// `rows` rows of `hd` elements from `src` (row `r` at `r * src.1`) to `dst` (row `r`
     /// at `r * dst.1`), rotated when `rope` is given: the halves `(a, b)` become
@@ -712,11 +719,13 @@ pub fn usable_heads(x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> bool {
         })
 }
 
-/// Runs `f` on the rotation's cos and sin, checked to cover `s` positions of `hd`.
+/// Runs `f` on the rotation of `rope` (back, when `inverse`), checked to cover `s`
+/// positions of `hd`; rows at positions 0, 1, ... until [`Rotation::at`] says otherwise.
 fn with_rope<R>(
     rope: Option<(&Tensor, &Tensor)>,
     (s, hd): (usize, usize),
-    f: impl FnOnce(Option<(&[f32], &[f32])>) -> Result<R>,
+    inverse: bool,
+    f: impl FnOnce(Option<Rotation>) -> Result<R>,
 ) -> Result<R> {
     let Some((cos, sin)) = rope else {
         return f(None);
@@ -728,7 +737,18 @@ fn with_rope<R>(
             sin.dims()
         )
     }
-    with_f32(cos, |c| with_f32(sin, |sn| f(Some((c, sn)))))
+    let sign = if inverse { -1.0 } else { 1.0 };
+    with_f32(cos, |cos| {
+        with_f32(sin, |sin| {
+            f(Some(Rotation {
+                cos,
+                sin,
+                pos: 0,
+                step: 1,
+                sign,
+            }))
+        })
+    })
 }
 
 /// `x` `[b, s, n * hd]` as heads `[b, n, s, hd]`, each row rotated at its position by
@@ -742,19 +762,11 @@ pub fn to_heads(
     if x.elem_count() != b * s * n * hd {
         candle_core::bail!("heads: {:?} is not [{b}, {s}, {n} x {hd}]", x.dims())
     }
-    let sign = if inverse { -1.0 } else { 1.0 };
     with_f32(x, |xs| {
-        with_rope(rope, (s, hd), |rope| {
+        with_rope(rope, (s, hd), inverse, |rope| {
             Ok(par_new(xs.len(), s * hd, |blk, dst| {
                 let (bi, h) = (blk / n, blk % n);
                 let src = &xs[bi * s * n * hd + h * hd..];
-                let rope = rope.map(|(cos, sin)| Rotation {
-                    cos,
-                    sin,
-                    pos: 0,
-                    step: 1,
-                    sign,
-                });
                 copy_rows((src, n * hd), (dst, hd), s, hd, rope)
             }))
         })
@@ -773,22 +785,16 @@ pub fn from_heads(
     if x.elem_count() != b * s * n * hd {
         candle_core::bail!("heads: {:?} is not [{b}, {n}, {s}, {hd}]", x.dims())
     }
-    let sign = if inverse { -1.0 } else { 1.0 };
     let width = n * hd;
     let rows = rows_per_task(width);
     with_f32(x, |xs| {
-        with_rope(rope, (s, hd), |rope| {
+        with_rope(rope, (s, hd), inverse, |rope| {
             Ok(par_new(xs.len(), rows * width, |c, dst| {
                 for (r, row) in dst.chunks_exact_mut(width).enumerate() {
                     let (bi, i) = ((c * rows + r) / s, (c * rows + r) % s);
                     let src = &xs[(bi * n * s + i) * hd..];
-                    let rope = rope.map(|(cos, sin)| Rotation {
-                        cos,
-                        sin,
-                        pos: i,
-                        step: 0,
-                        sign,
-                    });
+                    // The n heads of one position: all rotated at i.
+                    let rope = rope.map(|r| r.at(i, 0));
                     copy_rows((src, s * hd), (row, hd), n, hd, rope)
                 }
             }))
