@@ -19,7 +19,7 @@
 //! reproduces bit for bit on one machine with one thread count, which is what the resume
 //! test checks.)
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 16 f32 lanes, one AVX-512 register.
@@ -385,12 +385,10 @@ multiversion! {
 // ---------------------------------------------------------------------------------------
 // Tensor-level entry points, the same as `fused_cuda`'s.
 
-/// Runs `f` on the elements of a CPU tensor, made contiguous first if need be; `pick`
-/// takes them out of the storage when it holds the expected type (`what`).
-fn with_elements<T, R>(
+/// Runs `f` on the elements of a CPU tensor of element type `T`, made contiguous first
+/// if need be (candle's `CpuStorage::as_slice` checks the type).
+fn with_elements<T: candle_core::WithDType, R>(
     t: &Tensor,
-    what: &str,
-    pick: impl Fn(&CpuStorage) -> Option<&[T]>,
     f: impl FnOnce(&[T]) -> Result<R>,
 ) -> Result<R> {
     let t = t.contiguous()?;
@@ -399,34 +397,19 @@ fn with_elements<T, R>(
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
     match &*storage {
-        Storage::Cpu(s) => match pick(s) {
-            Some(v) => f(&v[start..end]),
-            None => candle_core::bail!("cpu kernel: expected {what}, got {:?}", t.dtype()),
-        },
-        _ => candle_core::bail!("cpu kernel: expected {what} on the CPU"),
+        Storage::Cpu(s) => f(&s.as_slice::<T>()?[start..end]),
+        _ => candle_core::bail!("cpu kernel: expected a tensor on the CPU"),
     }
 }
 
 /// Runs `f` on the elements of a CPU f32 tensor.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    fn pick(s: &CpuStorage) -> Option<&[f32]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    with_elements(t, "an f32 tensor", pick, f)
+    with_elements(t, f)
 }
 
 /// The same for u32 labels.
 fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
-    fn pick(s: &CpuStorage) -> Option<&[u32]> {
-        match s {
-            CpuStorage::U32(v) => Some(v),
-            _ => None,
-        }
-    }
-    with_elements(t, "u32 labels", pick, f)
+    with_elements(t, f)
 }
 
 /// A new buffer of `n` elements built in parallel chunks of `chunk`: each chunk is zeroed
@@ -1132,12 +1115,12 @@ pub fn with_matrix<R>(t: &Tensor, f: impl FnOnce(Matrix) -> Result<R>) -> Result
     };
     let (storage, _) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(Matrix {
-            data: &v[start..start + r * c],
+        Storage::Cpu(s) => f(Matrix {
+            data: &s.as_slice::<f32>()?[start..start + r * c],
             rs,
             cs,
         }),
-        _ => candle_core::bail!("cpu kernel: expected an f32 matrix on the CPU"),
+        _ => candle_core::bail!("cpu kernel: expected a matrix on the CPU"),
     }
 }
 
