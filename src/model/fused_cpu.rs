@@ -13,17 +13,21 @@
 //! run time) and vectorised, and [`exp`] a polynomial that vectorises with them.
 //!
 //! Results do not depend on the instruction set: the inner loops use plain IEEE
-//! additions and multiplications (Rust never fuses them into FMAs), and every row sum
-//! runs over the same [`LANES`] partial sums in the same order. (The matrix products are
+//! additions and multiplications (Rust never fuses them into FMAs on its own), fused
+//! multiply-adds only where written (`mul_add`, rounded once on every CPU), and every
+//! row sum runs over the same [`LANES`] partial sums reduced in the same order. (The matrix products are
 //! gemm's, whose blocking follows the cache sizes and the thread count: a CPU run
 //! reproduces bit for bit on one machine with one thread count, which is what the resume
 //! test checks.)
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Partial sums per row reduction: 16 f32 lanes, one AVX-512 register.
-pub const LANES: usize = 16;
+/// Partial sums per row reduction: 64 f32 lanes, four AVX-512 registers (eight AVX2
+/// ones), so that consecutive additions do not wait on each other's latency.
+pub const LANES: usize = 64;
 
 /// Elements a rayon task should have at least, so that splitting pays for itself.
 const TASK_ELEMENTS: usize = 1 << 14;
@@ -55,6 +59,10 @@ pub fn usable_cross_entropy(logits: &Tensor) -> bool {
 /// `e^x` to about 1 ulp (Cephes' `expf` polynomial after a Cody-Waite reduction), in
 /// operations that vectorise. `x > 88` gives `inf`, `x < -87` gives 0 (where the exact
 /// result is subnormal), NaN gives NaN.
+///
+/// The reduction and the polynomial are fused multiply-adds (`mul_add`): one instruction
+/// each in the AVX2 and AVX-512 loops, and on a CPU without FMA a call to libm's `fmaf`,
+/// slower but with the same bits, since a fused multiply-add is rounded once everywhere.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -64,15 +72,15 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let xc = if x > 88.0 { 88.0 } else { x };
     let xc = if xc < -87.0 { -87.0 } else { xc };
-    let n = (xc * LOG2E + ROUND) - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let n = xc.mul_add(LOG2E, ROUND) - ROUND;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = (p * r) * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let y = (p * r).mul_add(r, r) + 1.0;
     // n is an integer in [-126, 127], so 2^n is a normal float: n + 127 + 2^23 holds
     // n + 127 in its low mantissa bits, and shifting them into the exponent field gives
     // 2^n. (Bit operations vectorise; a saturating `as i32` would not.)
@@ -85,6 +93,20 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// The sum of the [`LANES`] partial sums, halving them in a fixed order (lane `i` takes
+/// lane `i + w` for `w` = 32, 16, ..., 1), which vectorises as well.
+#[inline(always)]
+fn reduce_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
 }
 
 /// `sum(f(a[i], b[i], c[i]))` over [`LANES`] partial sums added in a fixed order (lane
@@ -105,7 +127,7 @@ fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) 
     for i in full..n {
         acc[i - full] += f(a[i], b[i], c[i]);
     }
-    acc.iter().fold(0.0, |s, a| s + a)
+    reduce_lanes(acc)
 }
 
 /// `sum(a)`, as [`lane_sum3`] adds.
@@ -134,8 +156,43 @@ fn row_max(xs: &[f32]) -> f32 {
     for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
         *a = if v > *a { v } else { *a };
     }
-    acc.iter()
-        .fold(f32::NEG_INFINITY, |m, &a| if a > m { a } else { m })
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] = if acc[i + w] > acc[i] {
+                acc[i + w]
+            } else {
+                acc[i]
+            };
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// Writes `e^(x - max(x))` to every element of `y` and returns their sum (each
+/// exponential is added to lane `i % LANES`, the order [`lane_sum`] uses).
+#[inline(always)]
+fn exp_shifted_from(x: &[f32], y: &mut [MaybeUninit<f32>]) -> f32 {
+    let m = row_max(x);
+    let mut acc = [0f32; LANES];
+    let full = x.len() - x.len() % LANES;
+    let body = x[..full]
+        .chunks_exact(LANES)
+        .zip(y[..full].chunks_exact_mut(LANES));
+    for (cx, cy) in body {
+        for l in 0..LANES {
+            let e = exp(cx[l] - m);
+            cy[l].write(e);
+            acc[l] += e;
+        }
+    }
+    for i in full..x.len() {
+        let e = exp(x[i] - m);
+        y[i].write(e);
+        acc[i - full] += e;
+    }
+    reduce_lanes(acc)
 }
 
 /// Writes `e^(z - max)` over `z` in place and returns their sum.
@@ -157,7 +214,7 @@ fn exp_shifted(z: &mut [f32]) -> f32 {
         *v = exp(*v - m);
         *a += *v;
     }
-    acc.iter().fold(0.0, |s, a| s + a)
+    reduce_lanes(acc)
 }
 
 /// `1 / sqrt(mean(x^2) + eps)`.
@@ -218,19 +275,19 @@ macro_rules! multiversion {
 }
 
 multiversion! {
-    fn rms_rows(x: &[f32], w: &[f32], y: &mut [f32], eps: f32) {
+    fn rms_rows(x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>], eps: f32) {
         let h = w.len();
         for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
             let inv = rms_inverse(xr, eps);
             for ((yj, &xj), &wj) in yr.iter_mut().zip(xr).zip(w) {
-                *yj = (xj * inv) * wj;
+                yj.write((xj * inv) * wj);
             }
         }
     }
 }
 
 multiversion! {
-    fn rms_backward_rows(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+    fn rms_backward_rows(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], eps: f32) {
         let h = w.len();
         for (i, dxr) in dx.chunks_exact_mut(h).enumerate() {
             let (xr, dyr) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h]);
@@ -239,26 +296,32 @@ multiversion! {
             let dot = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * (x * inv));
             let mean = dot / h as f32;
             for (j, d) in dxr.iter_mut().enumerate() {
-                *d = (dyr[j] * w[j] - xr[j] * inv * mean) * inv;
+                d.write((dyr[j] * w[j] - xr[j] * inv * mean) * inv);
             }
         }
     }
 }
 
 multiversion! {
-    fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+    fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>], eps: f32) {
         let h = w.len();
         for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
             let (mean, inv) = mean_inverse(xr, eps);
             for (j, yj) in yr.iter_mut().enumerate() {
-                *yj = ((xr[j] - mean) * inv) * w[j] + b[j];
+                yj.write(((xr[j] - mean) * inv) * w[j] + b[j]);
             }
         }
     }
 }
 
 multiversion! {
-    fn layer_norm_backward_rows(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
+    fn layer_norm_backward_rows(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: &mut [MaybeUninit<f32>],
+        eps: f32,
+    ) {
         let h = w.len();
         for (i, dxr) in dx.chunks_exact_mut(h).enumerate() {
             let (xr, dyr) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h]);
@@ -268,16 +331,16 @@ multiversion! {
             let mg = lane_sum3(dyr, w, w, |d, w, _| d * w) / h as f32;
             let mgn = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * ((x - mean) * inv)) / h as f32;
             for (j, d) in dxr.iter_mut().enumerate() {
-                *d = (dyr[j] * w[j] - mg - ((xr[j] - mean) * inv) * mgn) * inv;
+                d.write((dyr[j] * w[j] - mg - ((xr[j] - mean) * inv) * mgn) * inv);
             }
         }
     }
 }
 
 multiversion! {
-    fn swiglu_elements(g: &[f32], u: &[f32], y: &mut [f32]) {
+    fn swiglu_elements(g: &[f32], u: &[f32], y: &mut [MaybeUninit<f32>]) {
         for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
-            *yj = (gj / (1.0 + exp(-gj))) * uj;
+            yj.write((gj / (1.0 + exp(-gj))) * uj);
         }
     }
 }
@@ -287,35 +350,25 @@ multiversion! {
         g: &[f32],
         u: &[f32],
         dy: &[f32],
-        dg: &mut [f32],
-        du: &mut [f32],
+        dg: &mut [MaybeUninit<f32>],
+        du: &mut [MaybeUninit<f32>],
     ) {
         for (j, (dgj, duj)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
             let (gj, dyj) = (g[j], dy[j]);
             let sg = 1.0 / (1.0 + exp(-gj));
-            *duj = dyj * (gj * sg);
-            *dgj = (dyj * u[j]) * (sg * (1.0 + gj * (1.0 - sg)));
+            duj.write(dyj * (gj * sg));
+            dgj.write((dyj * u[j]) * (sg * (1.0 + gj * (1.0 - sg))));
         }
     }
 }
 
 multiversion! {
-    /// Per row: the log-sum-exp (into `lse`) and the log-probability of the label (into
-    /// `picked`). `scratch` holds one row.
-    fn cross_entropy_rows(
-        x: &[f32],
-        labels: &[u32],
-        picked: &mut [f32],
-        lse: &mut [f32],
-        scratch: &mut [f32],
-    ) {
-        let v = scratch.len();
+    /// Per row of `v`: the log-sum-exp (into `lse`) and the log-probability of the label
+    /// (into `picked`).
+    fn cross_entropy_rows(x: &[f32], labels: &[u32], picked: &mut [f32], lse: &mut [f32], v: usize) {
         for (i, xr) in x.chunks_exact(v).enumerate() {
             let m = row_max(xr);
-            for (z, &xj) in scratch.iter_mut().zip(xr) {
-                *z = exp(xj - m);
-            }
-            let sum = lane_sum(scratch);
+            let sum = lane_sum3(xr, xr, xr, |xj, _, _| exp(xj - m));
             let l = m + sum.ln();
             lse[i] = l;
             picked[i] = xr[labels[i] as usize] - l;
@@ -330,14 +383,16 @@ multiversion! {
         labels: &[u32],
         lse: &[f32],
         k: &[f32],
-        d: &mut [f32],
+        d: &mut [MaybeUninit<f32>],
         v: usize,
     ) {
         for (i, dr) in d.chunks_exact_mut(v).enumerate() {
             let (xr, l, ki) = (&x[i * v..(i + 1) * v], lse[i], k[i]);
             for (dj, &xj) in dr.iter_mut().zip(xr) {
-                *dj = exp(xj - l) * ki;
+                dj.write(exp(xj - l) * ki);
             }
+            // SAFETY: the loop above wrote every element of the row.
+            let dr = unsafe { assume_init(dr) };
             dr[labels[i] as usize] -= ki;
         }
     }
@@ -382,24 +437,102 @@ multiversion! {
     }
 }
 
+/// `softmax(x)` of a row into `y` (as long), every element written.
+#[inline(always)]
+fn softmax_row<'a>(x: &[f32], y: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    let inv = 1.0 / exp_shifted_from(x, y);
+    // SAFETY: `exp_shifted_from` wrote every element of `y`.
+    let y = unsafe { assume_init(y) };
+    for v in y.iter_mut() {
+        *v *= inv;
+    }
+    y
+}
+
+multiversion! {
+    /// Rows of `x` (`t` wide) into `y`: `softmax(x)`, reading `x` once from memory.
+    fn softmax_rows(x: &[f32], y: &mut [MaybeUninit<f32>], t: usize) {
+        for (xr, yr) in x.chunks_exact(t).zip(y.chunks_exact_mut(t)) {
+            softmax_row(xr, yr);
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of `x` and `dy` (`t` wide) into `dx = p * (dy - sum(p * dy))` with
+    /// `p = softmax(x)`, computed in `dx` first.
+    fn softmax_backward_rows(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], t: usize) {
+        let rows = x.chunks_exact(t).zip(dy.chunks_exact(t));
+        for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(t)) {
+            let p = softmax_row(xr, dxr);
+            let dot = lane_dot(p, dyr);
+            for (pj, &dj) in p.iter_mut().zip(dyr) {
+                *pj *= dj - dot;
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Tensor-level entry points, the same as `fused_cuda`'s.
 
-/// Runs `f` on the elements of a CPU tensor of element type `T`, made contiguous first
-/// if need be (candle's `CpuStorage::as_slice` checks the type).
+/// Runs `f` on the elements of a CPU tensor of element type `T`, gathered into a
+/// contiguous buffer first if need be (candle's `CpuStorage::as_slice` checks the type).
 fn with_elements<T: candle_core::WithDType, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> Result<R>,
 ) -> Result<R> {
-    let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cpu kernel: input not contiguous".into()))?;
-    match &*storage {
-        Storage::Cpu(s) => f(&s.as_slice::<T>()?[start..end]),
-        _ => candle_core::bail!("cpu kernel: expected a tensor on the CPU"),
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("cpu kernel: expected a tensor on the CPU")
+    };
+    let data = s.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => f(&data[start..end]),
+        None => f(&gather(
+            data,
+            layout.dims(),
+            layout.stride(),
+            layout.start_offset(),
+        )),
     }
+}
+
+/// The elements of a strided view (`dims`, `stride`, `start` into `data`) in row-major
+/// order, copied in parallel row by row (candle's `contiguous` copies on one thread; a
+/// broadcast gradient, such as a `sum`'s, arrives as such a view).
+fn gather<T: Copy + Send + Sync>(
+    data: &[T],
+    dims: &[usize],
+    stride: &[usize],
+    start: usize,
+) -> Vec<T> {
+    let n: usize = dims.iter().product();
+    let (last, last_stride) = match (dims.last(), stride.last()) {
+        (Some(&l), Some(&s)) => (l.max(1), s),
+        _ => (1, 0),
+    };
+    let mut out = Vec::<T>::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(rows_per_task(last) * last)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = c * rows_per_task(last);
+            for (r, row) in chunk.chunks_mut(last).enumerate() {
+                // The row's offset: its index over the leading dimensions, by their strides.
+                let (mut rest, mut off) = (first + r, start);
+                for (&d, &st) in dims.iter().zip(stride).rev().skip(1) {
+                    off += (rest % d) * st;
+                    rest /= d;
+                }
+                for (j, v) in row.iter_mut().enumerate() {
+                    v.write(data[off + j * last_stride]);
+                }
+            }
+        });
+    // SAFETY: the chunks cover the first n elements, and each row loop wrote every one.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// Runs `f` on the elements of a CPU f32 tensor.
@@ -417,6 +550,40 @@ fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
 /// than as a pass of its own over memory (as `vec![0.0; n]` would).
 fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     par_new_from(n, chunk, None, f)
+}
+
+/// A new buffer of `n` elements filled in parallel chunks of `chunk` by `f`, which gets
+/// each chunk's index and its memory uninitialised (zeroing it first, as [`par_new`]
+/// does, costs a fifth of a row kernel's time).
+///
+/// # Safety
+///
+/// `f` writes every element of the chunk it is given.
+unsafe fn par_uninit(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+    // SAFETY: the chunks cover the first n elements, and the caller's `f` wrote each.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `y` as initialised f32s.
+///
+/// # Safety
+///
+/// Every element of `y` has been written.
+#[inline(always)]
+unsafe fn assume_init(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller guarantees that
+    // every element is initialised.
+    unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `n` zeros, written in parallel: for buffers the tasks then fill by other splits.
@@ -482,9 +649,12 @@ pub fn softmax_forward(x: &Tensor) -> Result<Vec<f32>> {
     let t = x.dims().last().copied().unwrap_or(1).max(1);
     let task = rows_per_task(t) * t;
     with_f32(x, |xs| {
-        Ok(par_new_from(xs.len(), task, Some(xs), |_, pc| {
-            softmax_block(pc, t, 0, 1, None, 1.0)
-        }))
+        // SAFETY: `softmax_rows` writes every element of its rows.
+        Ok(unsafe {
+            par_uninit(xs.len(), task, |i, yc| {
+                softmax_rows(&xs[i * task..i * task + yc.len()], yc, t)
+            })
+        })
     })
 }
 
@@ -499,11 +669,13 @@ pub fn softmax_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let task = rows_per_task(t) * t;
     let dx = with_f32(dy, |d| {
         with_f32(x, |xs| {
-            Ok(par_new_from(d.len(), task, Some(d), |i, dc| {
-                let mut p = xs[i * task..i * task + dc.len()].to_vec();
-                softmax_block(&mut p, t, 0, 1, None, 1.0);
-                softmax_grad_block(&p, dc, t, 1.0)
-            }))
+            // SAFETY: `softmax_backward_rows` writes every element of its rows.
+            Ok(unsafe {
+                par_uninit(d.len(), task, |i, dc| {
+                    let range = i * task..i * task + dc.len();
+                    softmax_backward_rows(&xs[range.clone()], &d[range], dc, t)
+                })
+            })
         })
     })?;
     Tensor::from_vec(dx, x.shape(), x.device())
@@ -524,9 +696,12 @@ pub fn rms_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>> {
     let task = rows_per_task(h) * h;
     with_f32(x, |xs| {
         with_f32(w, |w| {
-            Ok(par_new(xs.len(), task, |i, yc| {
-                rms_rows(&xs[i * task..i * task + yc.len()], w, yc, eps as f32)
-            }))
+            // SAFETY: `rms_rows` writes every element of its rows.
+            Ok(unsafe {
+                par_uninit(xs.len(), task, |i, yc| {
+                    rms_rows(&xs[i * task..i * task + yc.len()], w, yc, eps as f32)
+                })
+            })
         })
     })
 }
@@ -542,9 +717,12 @@ pub fn layer_norm_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     with_f32(x, |xs| {
         with_f32(w, |w| {
             with_f32(b, |b| {
-                Ok(par_new(xs.len(), task, |i, yc| {
-                    layer_norm_rows(&xs[i * task..i * task + yc.len()], w, b, yc, eps as f32)
-                }))
+                // SAFETY: `layer_norm_rows` writes every element of its rows.
+                Ok(unsafe {
+                    par_uninit(xs.len(), task, |i, yc| {
+                        layer_norm_rows(&xs[i * task..i * task + yc.len()], w, b, yc, eps as f32)
+                    })
+                })
             })
         })
     })
@@ -560,8 +738,9 @@ pub fn rms_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
     norm_backward(x, w, dy, eps, "rms norm", rms_backward_rows)
 }
 
-/// A norm's backward over a task's rows: `(x, weight, dy, dx, eps)`.
-type NormBackwardRows = fn(&[f32], &[f32], &[f32], &mut [f32], f32);
+/// A norm's backward over a task's rows: `(x, weight, dy, dx, eps)`; it writes every
+/// element of `dx`.
+type NormBackwardRows = fn(&[f32], &[f32], &[f32], &mut [MaybeUninit<f32>], f32);
 
 /// A row norm's input gradient: `rows` takes a task's rows of `x` and `dy` to `dx`.
 fn norm_backward(
@@ -580,10 +759,13 @@ fn norm_backward(
     let dx = with_f32(x, |xs| {
         with_f32(w, |w| {
             with_f32(dy, |dys| {
-                Ok(par_new(xs.len(), task, |i, dxc| {
-                    let range = i * task..i * task + dxc.len();
-                    rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
-                }))
+                // SAFETY: a `NormBackwardRows` writes every element of `dx`.
+                Ok(unsafe {
+                    par_uninit(xs.len(), task, |i, dxc| {
+                        let range = i * task..i * task + dxc.len();
+                        rows(&xs[range.clone()], w, &dys[range], dxc, eps as f32)
+                    })
+                })
             })
         })
     })?;
@@ -598,10 +780,13 @@ pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Vec<f32>> {
     let c = TASK_ELEMENTS;
     with_f32(g, |gs| {
         with_f32(u, |us| {
-            Ok(par_new(gs.len(), c, |i, yc| {
-                let range = i * c..i * c + yc.len();
-                swiglu_elements(&gs[range.clone()], &us[range], yc)
-            }))
+            // SAFETY: `swiglu_elements` writes every element of `yc`.
+            Ok(unsafe {
+                par_uninit(gs.len(), c, |i, yc| {
+                    let range = i * c..i * c + yc.len();
+                    swiglu_elements(&gs[range.clone()], &us[range], yc)
+                })
+            })
         })
     })
 }
@@ -612,13 +797,14 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, T
         candle_core::bail!("swiglu: inputs of different shapes")
     }
     let n = g.elem_count();
-    let (mut dg, mut du) = (par_zeroed(n), par_zeroed(n));
+    let (mut dg, mut du) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));
     with_f32(g, |gs| {
         with_f32(u, |us| {
             with_f32(dy, |dys| {
                 let c = TASK_ELEMENTS;
-                dg.par_chunks_mut(c)
-                    .zip(du.par_chunks_mut(c))
+                dg.spare_capacity_mut()[..n]
+                    .par_chunks_mut(c)
+                    .zip(du.spare_capacity_mut()[..n].par_chunks_mut(c))
                     .zip(
                         gs.par_chunks(c)
                             .zip(us.par_chunks(c))
@@ -631,6 +817,12 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, T
             })
         })
     })?;
+    // SAFETY: `g`, `u` and `dy` have `n` elements each, so the chunks above covered the
+    // first `n` of both buffers, and `swiglu_backward_elements` wrote every one.
+    unsafe {
+        dg.set_len(n);
+        du.set_len(n);
+    }
     Ok((
         Tensor::from_vec(dg, g.shape(), g.device())?,
         Tensor::from_vec(du, g.shape(), g.device())?,
@@ -661,7 +853,7 @@ multiversion! {
     /// `(a cos - b sin, a sin + b cos)`, the formula of candle's rope kernel.
     fn copy_rows(
         src: (&[f32], usize),
-        dst: (&mut [f32], usize),
+        dst: (&mut [MaybeUninit<f32>], usize),
         rows: usize,
         hd: usize,
         rope: Option<Rotation>,
@@ -672,7 +864,11 @@ multiversion! {
             let x = &src[r * src_stride..r * src_stride + hd];
             let y = &mut dst[r * dst_stride..r * dst_stride + hd];
             match rope {
-                None => y.copy_from_slice(x),
+                None => {
+                    for (yj, &xj) in y.iter_mut().zip(x) {
+                        yj.write(xj);
+                    }
+                }
                 Some(rot) => {
                     let p = (rot.pos + r * rot.step) * half;
                     let (cos, sin) = (&rot.cos[p..p + half], &rot.sin[p..p + half]);
@@ -680,8 +876,8 @@ multiversion! {
                     let (ya, yb) = y.split_at_mut(half);
                     for j in 0..half {
                         let (c, s) = (cos[j], sin[j] * rot.sign);
-                        ya[j] = xa[j] * c - xb[j] * s;
-                        yb[j] = xa[j] * s + xb[j] * c;
+                        ya[j].write(xa[j] * c - xb[j] * s);
+                        yb[j].write(xa[j] * s + xb[j] * c);
                     }
                 }
             }
@@ -747,11 +943,15 @@ pub fn to_heads(
     }
     with_f32(x, |xs| {
         with_rope(rope, (s, hd), inverse, |rope| {
-            Ok(par_new(xs.len(), s * hd, |blk, dst| {
-                let (bi, h) = (blk / n, blk % n);
-                let src = &xs[bi * s * n * hd + h * hd..];
-                copy_rows((src, n * hd), (dst, hd), s, hd, rope)
-            }))
+            // SAFETY: each task's `s` rows of `hd` are its whole chunk, and `copy_rows`
+            // writes every element of them.
+            Ok(unsafe {
+                par_uninit(xs.len(), s * hd, |blk, dst| {
+                    let (bi, h) = (blk / n, blk % n);
+                    let src = &xs[bi * s * n * hd + h * hd..];
+                    copy_rows((src, n * hd), (dst, hd), s, hd, rope)
+                })
+            })
         })
     })
 }
@@ -772,15 +972,19 @@ pub fn from_heads(
     let rows = rows_per_task(width);
     with_f32(x, |xs| {
         with_rope(rope, (s, hd), inverse, |rope| {
-            Ok(par_new(xs.len(), rows * width, |c, dst| {
-                for (r, row) in dst.chunks_exact_mut(width).enumerate() {
-                    let (bi, i) = ((c * rows + r) / s, (c * rows + r) % s);
-                    let src = &xs[(bi * n * s + i) * hd..];
-                    // The n heads of one position: all rotated at i.
-                    let rope = rope.map(|r| r.at(i, 0));
-                    copy_rows((src, s * hd), (row, hd), n, hd, rope)
-                }
-            }))
+            // SAFETY: a task's chunk is whole rows of `width`, and `copy_rows` writes
+            // the `n` runs of `hd` that make up each.
+            Ok(unsafe {
+                par_uninit(xs.len(), rows * width, |c, dst| {
+                    for (r, row) in dst.chunks_exact_mut(width).enumerate() {
+                        let (bi, i) = ((c * rows + r) / s, (c * rows + r) % s);
+                        let src = &xs[(bi * n * s + i) * hd..];
+                        // The n heads of one position: all rotated at i.
+                        let rope = rope.map(|r| r.at(i, 0));
+                        copy_rows((src, s * hd), (row, hd), n, hd, rope)
+                    }
+                })
+            })
         })
     })
 }
@@ -811,10 +1015,7 @@ pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor
                 .par_chunks_mut(rows)
                 .zip(lse.par_chunks_mut(rows))
                 .zip(x.par_chunks(rows * vocab).zip(labels.par_chunks(rows)))
-                .for_each_init(
-                    || vec![0f32; vocab],
-                    |scratch, ((pc, lc), (xc, labc))| cross_entropy_rows(xc, labc, pc, lc, scratch),
-                );
+                .for_each(|((pc, lc), (xc, labc))| cross_entropy_rows(xc, labc, pc, lc, vocab));
             Ok(())
         })
     })?;
@@ -844,17 +1045,21 @@ pub fn cross_entropy_backward(
                         candle_core::bail!("cross-entropy: row factors of another length")
                     }
                     let rows = rows_per_task(vocab);
-                    Ok(par_new(n * vocab, rows * vocab, |i, dc| {
-                        let (r0, r) = (i * rows, dc.len() / vocab);
-                        cross_entropy_backward_rows(
-                            &x[r0 * vocab..(r0 + r) * vocab],
-                            &labels[r0..r0 + r],
-                            &lse[r0..r0 + r],
-                            &k[r0..r0 + r],
-                            dc,
-                            vocab,
-                        )
-                    }))
+                    // SAFETY: `cross_entropy_backward_rows` writes every element of
+                    // its rows.
+                    Ok(unsafe {
+                        par_uninit(n * vocab, rows * vocab, |i, dc| {
+                            let (r0, r) = (i * rows, dc.len() / vocab);
+                            cross_entropy_backward_rows(
+                                &x[r0 * vocab..(r0 + r) * vocab],
+                                &labels[r0..r0 + r],
+                                &lse[r0..r0 + r],
+                                &k[r0..r0 + r],
+                                dc,
+                                vocab,
+                            )
+                        })
+                    })
                 })
             })
         })
@@ -1564,6 +1769,36 @@ mod tests {
     }
 
     #[test]
+    fn strided_inputs_are_gathered_as_candle_lays_them_out() {
+        // A 3-d tensor of 40 x 130 x 7 (many tasks of rows), then views of it: a
+        // transpose, a narrowed slice (start offset, gaps), a broadcast (zero strides, as
+        // the gradient of a sum arrives) and a scalar.
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::arange(0f32, 40.0 * 130.0 * 7.0, &dev)
+            .unwrap()
+            .reshape((40, 130, 7))
+            .unwrap();
+        let views = [
+            t.transpose(1, 2).unwrap(),
+            t.narrow(1, 3, 100).unwrap().narrow(2, 1, 5).unwrap(),
+            Tensor::new(2.5f32, &dev)
+                .unwrap()
+                .broadcast_as((4, 128, 64))
+                .unwrap(),
+            t.narrow(0, 0, 1)
+                .unwrap()
+                .broadcast_as((3, 130, 7))
+                .unwrap(),
+            Tensor::new(7f32, &dev).unwrap(),
+        ];
+        for v in views {
+            let want = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = with_f32(&v, |xs| Ok(xs.to_vec())).unwrap();
+            assert_eq!(got, want, "{:?} {:?}", v.dims(), v.layout().stride());
+        }
+    }
+
+    #[test]
     fn matmul_new_splits_by_columns_or_rows_and_matches_a_plain_product() {
         // Wide (column blocks), thin with many rows (row blocks: a LoRA rank), thin with
         // few rows (one block), odd sizes; lhs transposed through its strides.
@@ -1623,12 +1858,14 @@ mod tests {
     #[test]
     fn multiversioned_loops_give_the_same_bits_as_the_baseline() {
         // The dispatch picks AVX-512 or AVX2 here when the CPU has them; the baseline
-        // `imp` of the same body must agree bit for bit (no FMA contraction, same lane
+        // `imp` of the same body must agree bit for bit (no implicit FMA contraction, same lane
         // order), or CPU runs would not reproduce across machines.
         let g: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
         let u: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut fast = vec![0f32; 1000];
+        let mut fast = vec![MaybeUninit::new(0f32); 1000];
         swiglu_elements(&g, &u, &mut fast);
+        // SAFETY: every element was initialised by `vec!`.
+        let fast: Vec<f32> = fast.iter().map(|v| unsafe { v.assume_init() }).collect();
         let slow: Vec<f32> = g
             .iter()
             .zip(&u)
@@ -1640,6 +1877,6 @@ mod tests {
         for (i, v) in g.iter().enumerate() {
             acc[i % LANES] += v;
         }
-        assert_eq!(sum, acc.iter().fold(0.0, |s, a| s + a));
+        assert_eq!(sum, reduce_lanes(acc));
     }
 }
