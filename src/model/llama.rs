@@ -208,6 +208,24 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        self.logits(&self.forward_hidden(input_ids, attention_mask, train)?)
+    }
+
+    /// The LM head's logits for final hidden states `[..., hidden]` (as
+    /// [`Llama::forward_hidden`] gives them), `[..., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// [`Llama::forward`] up to the LM head: the final (normed) hidden states
+    /// `[batch, seq, hidden]`. Scoring takes the logits from them a block of positions at
+    /// a time, so that `[batch, seq, vocab]` never exists at once.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let dtype = self.dtype();
         let mut x = self
@@ -219,7 +237,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &bias, train)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     /// An empty KV cache for this model.

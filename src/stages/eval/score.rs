@@ -56,7 +56,8 @@ pub fn score<E>(
     let (mut sum, mut tokens) = (0.0f64, 0u64);
     let mut done = 0usize;
     for batch in order.chunks(batch_size.max(1)) {
-        let (s, n) = batch_nll(model, batch).map_err(|e| ScoreError::Model(e.to_string()))?;
+        let (s, n) = batch_nll(model, batch, logit_rows(vocab))
+            .map_err(|e| ScoreError::Model(e.to_string()))?;
         sum += s;
         tokens += n;
         done += batch.len();
@@ -92,7 +93,7 @@ pub enum ScoreError<E> {
 /// Summed loss and target count of one batch. Every position is scored, the last of
 /// each row against a dummy target with weight 0: narrowing the logits to `len - 1`
 /// positions would copy the whole block.
-fn batch_nll(model: &Llama, batch: &[&Row]) -> candle_core::Result<(f64, u64)> {
+fn batch_nll(model: &Llama, batch: &[&Row], block: usize) -> candle_core::Result<(f64, u64)> {
     let device = model.device();
     let len = batch.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
     let b = batch.len();
@@ -114,9 +115,21 @@ fn batch_nll(model: &Llama, batch: &[&Row]) -> candle_core::Result<(f64, u64)> {
         }
     }
     let ids = Tensor::from_vec(ids, (b, len), device)?;
-    let targets = Tensor::from_vec(targets, (b, len), device)?;
-    let logits = model.forward(&ids, None, false)?;
-    let nll = token_nll(&logits, &targets)?.to_dtype(DType::F32)?;
+    let targets = Tensor::from_vec(targets, (1, b * len), device)?;
+    let hidden = model.forward_hidden(&ids, None, false)?;
+    let hidden = hidden.reshape((1, b * len, hidden.dim(2)?))?;
+    // The logits `block` positions at a time: `[b, len, vocab]` at once would be
+    // gigabytes for a 150k vocabulary, and a fresh mapping (page faults) for any size.
+    let block = block.max(1);
+    let mut parts = Vec::with_capacity((b * len).div_ceil(block));
+    for r0 in (0..b * len).step_by(block) {
+        let n = block.min(b * len - r0);
+        let logits = model.logits(&hidden.narrow(1, r0, n)?)?;
+        parts.push(token_nll(&logits, &targets.narrow(1, r0, n)?)?);
+    }
+    let nll = Tensor::cat(&parts, 1)?
+        .reshape((b, len))?
+        .to_dtype(DType::F32)?;
     let w = Tensor::from_vec(weights, (b, len), &Device::Cpu)?.to_device(device)?;
     // A position of weight 0 adds nothing, whatever its loss (0 * inf would be NaN).
     let nll = w.ne(0f32)?.where_cond(&nll, &nll.zeros_like()?)?;
@@ -125,6 +138,12 @@ fn batch_nll(model: &Llama, batch: &[&Row]) -> candle_core::Result<(f64, u64)> {
         .sum_all()?
         .to_scalar::<f64>()?;
     Ok((sum, count))
+}
+
+/// Positions whose logits are taken at once: about 4M logits (16 MB in f32), and at
+/// least 64 positions, so that the LM head's product stays wide enough to be efficient.
+fn logit_rows(vocab: usize) -> usize {
+    ((1usize << 22) / vocab.max(1)).max(64)
 }
 
 /// `-log softmax(logits)[target]` per position: logits `[b, s, v]`, targets `[b, s]`
@@ -155,6 +174,53 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logits_taken_in_blocks_score_as_the_whole_forward() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let model = crate::model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let rows: Vec<Row> = [9usize, 6, 9]
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| Row {
+                input_ids: (0..n as u32)
+                    .map(|i| (i * 37 + r as u32 * 11) % 200 + 3)
+                    .collect(),
+                loss_mask: (0..n).map(|i| i % 4 != 1).collect(),
+            })
+            .collect();
+        let batch: Vec<&Row> = rows.iter().collect();
+        // The reference: one forward's logits, the masked targets' losses summed.
+        let (b, len) = (batch.len(), 9);
+        let mut ids = vec![0u32; b * len];
+        for (r, row) in batch.iter().enumerate() {
+            ids[r * len..r * len + row.input_ids.len()].copy_from_slice(&row.input_ids);
+        }
+        let ids = Tensor::from_vec(ids, (b, len), &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, None, false).unwrap();
+        let mut want = 0f64;
+        for (r, row) in batch.iter().enumerate() {
+            for i in 1..row.input_ids.len() {
+                if row.loss_mask[i] {
+                    let l = logits.get(r).unwrap().get(i - 1).unwrap();
+                    let l = l.to_vec1::<f32>().unwrap();
+                    let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let lse = m + l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                    want += lse - l[row.input_ids[i] as usize] as f64;
+                }
+            }
+        }
+        // Blocks of 1, 4 (not dividing 27 positions), 27 and more than all.
+        for block in [1, 4, 27, 1000] {
+            let (sum, count) = batch_nll(&model, &batch, block).unwrap();
+            assert_eq!(count, 15, "block {block}");
+            assert!(
+                (sum - want).abs() < 1e-4 * want,
+                "block {block}: {sum} vs {want}"
+            );
+        }
+    }
 
     #[test]
     fn nll_is_minus_log_softmax_of_the_target() {
