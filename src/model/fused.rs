@@ -976,14 +976,14 @@ mod tests {
 
     #[test]
     fn layer_norm_kernel_matches_the_composed_ops() {
-        // Rows of 37 (a tail after the 16-lane sums), offset from zero so the mean
+        // Rows of 101 (a tail after the 64-lane sums), offset from zero so the mean
         // matters; the f64 copy takes the composed path.
         let x64 =
-            Var::from_tensor(&var(&[3, 5, 37], 51).as_tensor().affine(3.0, 2.0).unwrap()).unwrap();
+            Var::from_tensor(&var(&[3, 5, 101], 51).as_tensor().affine(3.0, 2.0).unwrap()).unwrap();
         let x = f32_var(&x64);
         let (w64, b64) = (
-            var(&[37], 52).as_tensor().clone(),
-            var(&[37], 53).as_tensor().clone(),
+            var(&[101], 52).as_tensor().clone(),
+            var(&[101], 53).as_tensor().clone(),
         );
         let (w, b) = (
             w64.to_dtype(DType::F32).unwrap(),
@@ -998,7 +998,7 @@ mod tests {
             "layer norm {}",
             rel_diff(&ours, &want32)
         );
-        let dy = var(&[3, 5, 37], 54);
+        let dy = var(&[3, 5, 101], 54);
         let dy32 = dy.as_tensor().to_dtype(DType::F32).unwrap();
         let g1 = &grads_of(&ours, &dy32, &[&x])[0];
         let g2 = grads_of(&want, dy.as_tensor(), &[&x64])[0]
@@ -1078,12 +1078,15 @@ mod tests {
     #[test]
     fn cpu_kernels_match_the_composed_ops_in_f32() {
         // The f32 CPU path takes `fused_cpu`'s kernels; the composed formulation is
-        // candle's ops. 21 keys and rows of 37 leave tails after the 16-lane sums.
+        // candle's ops. Rows of 101 and 300 keys leave tails after the 64-lane sums.
         let cpu = Device::Cpu;
         // (batch, kv heads, seq, bias): 2 x 2 query heads a kv head over 21 keys with
         // left padding; 70 queries a head (140 rows a kv head: two row chunks, so dK and
-        // dV add up across chunks) without a bias, as a decoding step has none.
-        for (b, nkv, n, with_bias) in [(2, 2, 21, true), (1, 2, 70, false)] {
+        // dV add up across chunks) without a bias, as a decoding step has none; 2 query
+        // heads over 300 keys with left padding, whose row chunks see 128, 256, 300 and
+        // 212 keys under the causal mask (the rest skipped), except the padded batch's
+        // first chunk, whose fully masked rows see all 300.
+        for (b, nkv, n, with_bias) in [(2, 2, 21, true), (1, 2, 70, false), (2, 1, 300, true)] {
             let (q, k, v) = (
                 f32_var(&var(&[b, 2 * nkv, n, 8], 21)),
                 f32_var(&var(&[b, nkv, n, 8], 22)),
@@ -1112,8 +1115,8 @@ mod tests {
             }
         }
 
-        let x = f32_var(&var(&[3, 5, 37], 25));
-        let nw = var(&[37], 26).as_tensor().to_dtype(DType::F32).unwrap();
+        let x = f32_var(&var(&[3, 5, 101], 25));
+        let nw = var(&[101], 26).as_tensor().to_dtype(DType::F32).unwrap();
         assert!(fused_cpu::usable_norm(x.as_tensor(), &nw));
         let ours = rms_norm(x.as_tensor(), &nw, 1e-5).unwrap();
         let t = x.as_tensor();
@@ -1124,7 +1127,7 @@ mod tests {
             "rms norm {}",
             rel_diff(&ours, &want)
         );
-        let dy = f32_var(&var(&[3, 5, 37], 27));
+        let dy = f32_var(&var(&[3, 5, 101], 27));
         let (a, b) = (
             &grads_of(&ours, dy.as_tensor(), &[&x])[0],
             &grads_of(&want, dy.as_tensor(), &[&x])[0],
@@ -1160,13 +1163,13 @@ mod tests {
         }
 
         let logits = Var::from_tensor(
-            &(var(&[6, 37], 31).as_tensor() * 4.0)
+            &(var(&[6, 101], 31).as_tensor() * 4.0)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap(),
         )
         .unwrap();
-        let labels = Tensor::new(&[0u32, 3, 36, 5, 5, 17], &cpu).unwrap();
+        let labels = Tensor::new(&[0u32, 3, 100, 5, 5, 17], &cpu).unwrap();
         let weights = Tensor::new(&[1f32, 0., 1., 1., 0., 1.], &cpu).unwrap();
         assert!(fused_cpu::usable_cross_entropy(logits.as_tensor()));
         for weights in [None, Some(&weights)] {
@@ -1188,12 +1191,12 @@ mod tests {
                 rel_diff(a, b)
             );
         }
-        let bad = Tensor::new(&[0u32, 3, 37, 5, 5, 17], &cpu).unwrap();
+        let bad = Tensor::new(&[0u32, 3, 101, 5, 5, 17], &cpu).unwrap();
         let err = cross_entropy(logits.as_tensor(), &bad, None)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("label 37 is outside the vocabulary of 37"),
+            err.contains("label 101 is outside the vocabulary of 101"),
             "{err}"
         );
     }

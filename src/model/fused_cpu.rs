@@ -23,6 +23,8 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{DType, Result, Storage, Tensor};
+
+use super::mask::MASKED;
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 64 f32 lanes, four AVX-512 registers (eight AVX2
@@ -400,13 +402,22 @@ multiversion! {
 
 multiversion! {
     /// Rows of attention scores `z` (`t` wide) in place: `softmax(z * scale + bias)`,
-    /// where row `i` reads row `(first + i) % s` of `bias` (one batch's `[s, t]`).
-    fn softmax_block(z: &mut [f32], t: usize, first: usize, s: usize, bias: Option<&[f32]>, scale: f32) {
+    /// where row `i` reads the first `t` of row `(first + i) % s` of `bias` (one batch's
+    /// `[s, bt]`).
+    fn softmax_block(
+        z: &mut [f32],
+        t: usize,
+        first: usize,
+        s_bt: (usize, usize),
+        bias: Option<&[f32]>,
+        scale: f32,
+    ) {
+        let (s, bt) = s_bt;
         for (i, zr) in z.chunks_exact_mut(t).enumerate() {
             match bias {
                 Some(bias) => {
                     let q = (first + i) % s;
-                    for (zj, &bj) in zr.iter_mut().zip(&bias[q * t..(q + 1) * t]) {
+                    for (zj, &bj) in zr.iter_mut().zip(&bias[q * bt..q * bt + t]) {
                         *zj = *zj * scale + bj;
                     }
                 }
@@ -1427,6 +1438,30 @@ fn with_bias<R>(bias: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<
     }
 }
 
+/// Per query position of one batch's bias `[s, t]`: one past its last key that is not
+/// masked (bias above half of [`MASKED`]), or `t` when every key is masked, since such a
+/// row's softmax spans all of them. Keys past a query's limit get a probability of
+/// exactly 0 (`exp` of about -1e9), so the kernels leave them out: under a causal mask,
+/// the upper triangle of the scores.
+fn key_limits(bias: Option<&[f32]>, s: usize, t: usize) -> Vec<usize> {
+    let masked = (MASKED / 2.0) as f32;
+    match bias {
+        None => vec![t; s],
+        Some(b) => b
+            .chunks_exact(t.max(1))
+            .take(s)
+            .map(|row| row.iter().rposition(|&v| v > masked).map_or(t, |j| j + 1))
+            .collect(),
+    }
+}
+
+/// Keys that rows `first..first + r` need: the largest of their [`key_limits`] (row `i`
+/// is query position `i % s`).
+fn chunk_keys(limits: &[usize], first: usize, r: usize) -> usize {
+    let s = limits.len().max(1);
+    (first..first + r).map(|i| limits[i % s]).max().unwrap_or(0)
+}
+
 /// Whether [`attention_forward`] and [`attention_backward`] serve these inputs.
 pub fn usable_attention(q: &Tensor, bias: Option<&Tensor>) -> bool {
     q.device().is_cpu()
@@ -1461,6 +1496,7 @@ pub fn attention_forward(
                         .enumerate()
                         .for_each(|(blk, ob)| {
                             let bias = g.bias_of(bias, blk / g.nkv);
+                            let limits = key_limits(bias, g.s, t);
                             let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
                             let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
                             let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
@@ -1469,11 +1505,13 @@ pub fn attention_forward(
                                 .for_each(|(c, oc)| {
                                     let r = oc.len() / hd;
                                     let qc = &qb[c * ROW_CHUNK * hd..c * ROW_CHUNK * hd + r * hd];
-                                    let mut z = vec![0f32; r * t];
+                                    // The keys these rows see (`tc` of `t`).
+                                    let tc = chunk_keys(&limits, c * ROW_CHUNK, r);
+                                    let mut z = vec![0f32; r * tc];
                                     matmul(
-                                        (r, t, hd),
+                                        (r, tc, hd),
                                         &mut z,
-                                        t,
+                                        tc,
                                         false,
                                         (qc, hd, 1),
                                         (kb, 1, hd),
@@ -1481,18 +1519,18 @@ pub fn attention_forward(
                                     );
                                     softmax_block(
                                         &mut z,
-                                        t,
+                                        tc,
                                         c * ROW_CHUNK,
-                                        g.s,
+                                        (g.s, t),
                                         bias,
                                         scale as f32,
                                     );
                                     matmul(
-                                        (r, hd, t),
+                                        (r, hd, tc),
                                         oc,
                                         hd,
                                         false,
-                                        (&z, t, 1),
+                                        (&z, tc, 1),
                                         (vb, hd, 1),
                                         threads,
                                     );
@@ -1541,6 +1579,7 @@ pub fn attention_backward(
                                 .enumerate()
                                 .for_each(|(blk, (dqb, (dkb, dvb)))| {
                                     let bias = g.bias_of(bias, blk / g.nkv);
+                                    let limits = key_limits(bias, g.s, t);
                                     let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
                                     let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
                                     let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
@@ -1550,57 +1589,61 @@ pub fn attention_backward(
                                         (vec![0f32; chunk * t], vec![0f32; chunk * t]);
                                     for (c, r0) in (0..rows).step_by(ROW_CHUNK).enumerate() {
                                         let r = ROW_CHUNK.min(rows - r0);
-                                        let (p, ds) = (&mut p[..r * t], &mut ds[..r * t]);
+                                        // The keys these rows see (`tc` of `t`); the
+                                        // gradients of the others get nothing from them
+                                        // (dK and dV start as zeros).
+                                        let tc = chunk_keys(&limits, r0, r);
+                                        let (p, ds) = (&mut p[..r * tc], &mut ds[..r * tc]);
                                         let span = r0 * hd..(r0 + r) * hd;
                                         let (qc, doc) = (&qb[span.clone()], &dob[span.clone()]);
                                         // P, recomputed.
                                         matmul(
-                                            (r, t, hd),
+                                            (r, tc, hd),
                                             p,
-                                            t,
+                                            tc,
                                             false,
                                             (qc, hd, 1),
                                             (kb, 1, hd),
                                             threads,
                                         );
-                                        softmax_block(p, t, r0, g.s, bias, scale);
+                                        softmax_block(p, tc, r0, (g.s, t), bias, scale);
                                         // dP = dO v^T, then dS in place.
                                         matmul(
-                                            (r, t, hd),
+                                            (r, tc, hd),
                                             ds,
-                                            t,
+                                            tc,
                                             false,
                                             (doc, hd, 1),
                                             (vb, 1, hd),
                                             threads,
                                         );
-                                        softmax_grad_block(p, ds, t, scale);
+                                        softmax_grad_block(p, ds, tc, scale);
                                         let acc = c > 0;
                                         // dV += P^T dO; dK += dS^T q; dQ = dS k.
                                         matmul(
-                                            (t, hd, r),
+                                            (tc, hd, r),
                                             dvb,
                                             hd,
                                             acc,
-                                            (p, 1, t),
+                                            (p, 1, tc),
                                             (doc, hd, 1),
                                             threads,
                                         );
                                         matmul(
-                                            (t, hd, r),
+                                            (tc, hd, r),
                                             dkb,
                                             hd,
                                             acc,
-                                            (ds, 1, t),
+                                            (ds, 1, tc),
                                             (qc, hd, 1),
                                             threads,
                                         );
                                         matmul(
-                                            (r, hd, t),
+                                            (r, hd, tc),
                                             &mut dqb[span],
                                             hd,
                                             false,
-                                            (ds, t, 1),
+                                            (ds, tc, 1),
                                             (kb, hd, 1),
                                             threads,
                                         );
