@@ -556,16 +556,9 @@ fn with_u32<R>(t: &Tensor, f: impl FnOnce(&[u32]) -> Result<R>) -> Result<R> {
     with_elements(t, f)
 }
 
-/// A new buffer of `n` elements built in parallel chunks of `chunk`: each chunk is zeroed
-/// and handed to `f` with its index right away, so the zeroing happens in cache rather
-/// than as a pass of its own over memory (as `vec![0.0; n]` would).
-fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    par_new_from(n, chunk, None, f)
-}
-
 /// A new buffer of `n` elements filled in parallel chunks of `chunk` by `f`, which gets
-/// each chunk's index and its memory uninitialised (zeroing it first, as [`par_new`]
-/// does, costs a fifth of a row kernel's time).
+/// each chunk's index and its memory uninitialised (zeroing it first cost a fifth of a
+/// row kernel's time).
 ///
 /// # Safety
 ///
@@ -599,50 +592,12 @@ unsafe fn assume_init(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 
 /// `n` zeros, written in parallel: for buffers the tasks then fill by other splits.
 fn par_zeroed(n: usize) -> Vec<f32> {
-    par_new(n, TASK_ELEMENTS, |_, _| {})
-}
-
-/// [`par_new`], with each chunk starting as the same chunk of `init` (instead of zeros)
-/// when given; `init` has `n` elements.
-fn par_new_from(
-    n: usize,
-    chunk: usize,
-    init: Option<&[f32]>,
-    f: impl Fn(usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    assert!(
-        init.is_none_or(|i| i.len() == n),
-        "par_new_from: init of another length"
-    );
-    let chunk = chunk.max(1);
-    let mut v = Vec::<f32>::with_capacity(n);
-    v.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| {
-            // One memcpy or memset each (an element-wise loop here was a fifth of the
-            // softmax's time).
-            match init {
-                Some(init) => {
-                    let src = &init[i * chunk..i * chunk + c.len()];
-                    // SAFETY: `src` has `c.len()` elements (checked by the slicing), and
-                    // the two buffers are distinct allocations.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), c.as_mut_ptr().cast(), c.len())
-                    }
-                }
-                // SAFETY: writes `c.len()` zeroed f32s (all-zero bits are 0.0) inside `c`.
-                None => unsafe { std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len()) },
-            }
-            // SAFETY: every element of `c` was initialised just above, and
-            // `MaybeUninit<f32>` has the layout of `f32`.
-            let c =
-                unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
-            f(i, c)
-        });
-    // SAFETY: the chunks cover the first n elements, each initialised above.
-    unsafe { v.set_len(n) };
-    v
+    // SAFETY: `fill` writes every element of each chunk.
+    unsafe {
+        par_uninit(n, TASK_ELEMENTS, |_, c| {
+            c.fill(MaybeUninit::new(0.0));
+        })
+    }
 }
 
 /// Rows of `width` a rayon task takes: at least [`TASK_ELEMENTS`] elements' worth.
@@ -1302,17 +1257,21 @@ pub fn transpose(t: &Tensor) -> Result<Tensor> {
     let (r, c) = t.dims2()?;
     let out = with_matrix(t, |m| {
         // Output rows j..j + TILE (input columns) per task.
-        Ok(par_new(r * c, TILE * r, |blk, dst| {
-            let j0 = blk * TILE;
-            let cols = dst.len() / r.max(1);
-            for i0 in (0..r).step_by(TILE) {
-                for i in i0..(i0 + TILE).min(r) {
-                    for jj in 0..cols {
-                        dst[jj * r + i] = m.data[i * m.rs + (j0 + jj) * m.cs];
+        // SAFETY: a chunk is `cols` whole output rows of `r`, and the loops write
+        // `dst[jj * r + i]` for every `jj < cols` and `i < r`.
+        Ok(unsafe {
+            par_uninit(r * c, TILE * r, |blk, dst| {
+                let j0 = blk * TILE;
+                let cols = dst.len() / r.max(1);
+                for i0 in (0..r).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(r) {
+                        for jj in 0..cols {
+                            dst[jj * r + i].write(m.data[i * m.rs + (j0 + jj) * m.cs]);
+                        }
                     }
                 }
-            }
-        }))
+            })
+        })
     })?;
     Tensor::from_vec(out, (c, r), t.device())
 }
