@@ -4,12 +4,14 @@
 //! small Llama built from random weights. Sample sizes are small; run with
 //! `cargo bench --bench lora`. `benches/lora_torch.py` times the same shapes in PyTorch.
 
-use candle_core::{Device, ModuleT, Tensor, Var};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use taper::model::attention::softmax_last_dim;
 use taper::model::frozen::FrozenLinear;
 use taper::model::fused;
+use taper::model::fused_cpu;
 use taper::model::lora::{LoraBranch, LoraLinear};
+use taper::model::mask::attention_bias;
 use taper::model::norm::RmsNorm;
 
 mod util;
@@ -19,7 +21,6 @@ use util::{bench_llama, randn};
 const BATCH: usize = 4;
 const SEQ: usize = 128;
 
-/// A `d x d` LoRA linear of rank `r`; A and B are `Var`s when `trainable`.
 /// A `d x d` LoRA linear of rank `r`. With `trainable`, A and B are variables and the base
 /// weight keeps the layout training uses; otherwise the layer is set up as taper's
 /// inference paths (eval, generate) set it up, its weight stored transposed
@@ -154,6 +155,22 @@ fn lora_forward_backward(c: &mut Criterion) {
     group.finish();
 }
 
+/// Causal attention through the CPU kernels at the eval bench's shape (batch 4, 8 heads,
+/// 256 positions, head dim 64): the forward, and the backward given an output gradient.
+fn attention(c: &mut Criterion) {
+    let shape = [BATCH, 8, 256, 64];
+    let (q, k, v, dout) = (randn(&shape), randn(&shape), randn(&shape), randn(&shape));
+    let bias = attention_bias(BATCH, 256, None, DType::F32, &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("attention_causal_4x8x256");
+    group.bench_function("forward", |b| {
+        b.iter(|| fused_cpu::attention_forward(&q, &k, &v, Some(&bias), 0.125).unwrap())
+    });
+    group.bench_function("backward", |b| {
+        b.iter(|| fused_cpu::attention_backward(&q, &k, &v, Some(&bias), &dout, 0.125).unwrap())
+    });
+    group.finish();
+}
+
 fn model_forward(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let model = bench_llama(dir.path());
@@ -169,6 +186,6 @@ fn model_forward(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = util::config();
-    targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, model_forward
+    targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, attention, model_forward
 }
 criterion_main!(benches);
