@@ -1377,6 +1377,21 @@ impl AttnShape {
         bias.map(|b| &b[bi * n..(bi + 1) * n])
     }
 
+    /// The [`key_limits`] of each distinct `[s, t]` bias (one per batch when the bias
+    /// has a batch dimension, else one), scanned once per call rather than once per
+    /// (batch, kv head) task.
+    fn limits(&self, bias: Option<&[f32]>) -> Vec<Vec<usize>> {
+        let n = if self.bias_per_batch { self.b } else { 1 };
+        (0..n)
+            .map(|bi| key_limits(self.bias_of(bias, bi), self.s, self.t))
+            .collect()
+    }
+
+    /// Batch `bi`'s limits among [`AttnShape::limits`].
+    fn limits_of<'a>(&self, limits: &'a [Vec<usize>], bi: usize) -> &'a [usize] {
+        &limits[if self.bias_per_batch { bi } else { 0 }]
+    }
+
     /// Rows of queries per kv head, and the gemm threads per task: 1 when there are
     /// enough (batch, kv head) tasks to keep every thread busy.
     fn rows(&self) -> usize {
@@ -1455,11 +1470,12 @@ pub fn attention_forward(
         with_f32(k, |ks| {
             with_f32(v, |vs| {
                 with_bias(bias, |bias| {
+                    let all_limits = g.limits(bias);
                     out.par_chunks_mut(rows * hd)
                         .enumerate()
                         .for_each(|(blk, ob)| {
                             let bias = g.bias_of(bias, blk / g.nkv);
-                            let limits = key_limits(bias, g.s, t);
+                            let limits = g.limits_of(&all_limits, blk / g.nkv);
                             let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
                             let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
                             let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
@@ -1469,7 +1485,7 @@ pub fn attention_forward(
                                     let r = oc.len() / hd;
                                     let qc = &qb[c * ROW_CHUNK * hd..c * ROW_CHUNK * hd + r * hd];
                                     // The keys these rows see (`tc` of `t`).
-                                    let tc = chunk_keys(&limits, c * ROW_CHUNK, r);
+                                    let tc = chunk_keys(limits, c * ROW_CHUNK, r);
                                     let mut z = vec![0f32; r * tc];
                                     matmul(
                                         (r, tc, hd),
@@ -1537,12 +1553,13 @@ pub fn attention_backward(
                 with_f32(v, |vs| {
                     with_f32(dout, |dos| {
                         with_bias(bias, |bias| {
+                            let all_limits = g.limits(bias);
                             dq.par_chunks_mut(rows * hd)
                                 .zip(dk.par_chunks_mut(t * hd).zip(dv.par_chunks_mut(t * hd)))
                                 .enumerate()
                                 .for_each(|(blk, (dqb, (dkb, dvb)))| {
                                     let bias = g.bias_of(bias, blk / g.nkv);
-                                    let limits = key_limits(bias, g.s, t);
+                                    let limits = g.limits_of(&all_limits, blk / g.nkv);
                                     let kb = &ks[blk * t * hd..(blk + 1) * t * hd];
                                     let vb = &vs[blk * t * hd..(blk + 1) * t * hd];
                                     let qb = &qs[blk * rows * hd..(blk + 1) * rows * hd];
@@ -1555,7 +1572,7 @@ pub fn attention_backward(
                                         // The keys these rows see (`tc` of `t`); the
                                         // gradients of the others get nothing from them
                                         // (dK and dV start as zeros).
-                                        let tc = chunk_keys(&limits, r0, r);
+                                        let tc = chunk_keys(limits, r0, r);
                                         let (p, ds) = (&mut p[..r * tc], &mut ds[..r * tc]);
                                         let span = r0 * hd..(r0 + r) * hd;
                                         let (qc, doc) = (&qb[span.clone()], &dob[span.clone()]);
