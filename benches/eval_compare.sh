@@ -11,10 +11,10 @@
 # installed, else the same math in plain torch). The two sides run in turns, ROUNDS
 # times (a taper run, then a PyTorch process that keeps the better of two passes, the
 # first warming it up), so a slow minute of a shared machine falls on both; each side
-# keeps its best round, and every round is printed. Two taper
-# numbers: the eval stage's duration from the ledger (model load + shard read +
-# scoring), and its scoring alone (the `eval/tokens_per_s` metric). PyTorch's is the
-# scoring loop alone: like for like with the second, and favoured against the first.
+# keeps its best round, and every round is printed. Two taper numbers: the eval stage's
+# duration from the ledger (model load + shard read + scoring), and its scoring alone
+# (the `eval/tokens_per_s` metric). PyTorch's is the scoring loop alone: like for like
+# with the second, and favoured against the first.
 set -euo pipefail
 ROWS=${1:-32}; SEQ=${2:-256}; BATCH=${3:-4}; THREADS=${4:-2}; ROUNDS=${5:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,9 +42,9 @@ for i in $(seq "$ROUNDS"); do
   if [ -z "$torch_best" ] || python3 -c "import sys; sys.exit(not $ts < $torch_best)"; then
     torch_best=$ts; torch_json=$tj
   fi
-  python3 -c "import json,sys; t=json.loads(sys.argv[3])['tokens']; s,r,p=map(float,sys.argv[4:7]); \
+  python3 -c "import json,sys; t=json.loads(sys.argv[2])['tokens']; s,r,p=map(float,sys.argv[3:6]); \
 print(f'round {sys.argv[1]}: taper stage {s:.3f}s, scoring {r:,.0f} tokens/s; pytorch ' \
-      f'{t/p:,.0f} tokens/s; taper / pytorch: scoring {r*p/t:.2f}x')" "$i" _ "$tj" "$s" "$rate" "$ts"
+      f'{t/p:,.0f} tokens/s; taper / pytorch: scoring {r*p/t:.2f}x')" "$i" "$tj" "$s" "$rate" "$ts"
 done
 taper_loss=$(python3 -c "import json; print(json.load(open('$WORK/reports/eval.json'))['eval']['loss'])")
 tokens=$(python3 -c "import json; print(json.load(open('$WORK/reports/eval.json'))['eval']['tokens'])")

@@ -1322,8 +1322,8 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Query rows a forward task takes, and the backward's row chunk: the scores of a chunk
 /// (`ROW_CHUNK x t`) stay in the core's cache between the products and the softmax.
 /// Under a causal mask a chunk computes the keys of its last row for all its rows, so
-/// smaller chunks waste less of the upper triangle: 64 rows ran the forward 8 % and
-/// the backward 11 % faster than 128 at 4 x 8 heads x 256 positions, and 32 rows
+/// smaller chunks waste less of the upper triangle: 64 rows ran the forward 10 % and
+/// the backward 12 % faster than 128 at 4 x 8 heads x 256 positions, and 32 rows
 /// slower than 64 (BENCHMARKS.md, "Attention row chunk").
 pub const ROW_CHUNK: usize = 64;
 
