@@ -1081,11 +1081,12 @@ mod tests {
         // candle's ops. Rows of 101 and 300 keys leave tails after the 64-lane sums.
         let cpu = Device::Cpu;
         // (batch, kv heads, seq, bias): 2 x 2 query heads a kv head over 21 keys with
-        // left padding; 70 queries a head (140 rows a kv head: two row chunks, so dK and
-        // dV add up across chunks) without a bias, as a decoding step has none; 2 query
-        // heads over 300 keys with left padding, whose row chunks see 128, 256, 300 and
-        // 212 keys under the causal mask (the rest skipped), except the padded batch's
-        // first chunk, whose fully masked rows see all 300.
+        // left padding; 70 queries a head (140 rows a kv head: several row chunks, so dK
+        // and dV add up across chunks) without a bias, as a decoding step has none; 2
+        // query heads over 300 keys with left padding, whose row chunks see from a chunk's
+        // worth to all 300 keys under the causal mask (the rest skipped), except the
+        // padded batch's first chunk, whose fully masked rows see all 300: the two
+        // batches' key limits differ.
         for (b, nkv, n, with_bias) in [(2, 2, 21, true), (1, 2, 70, false), (2, 1, 300, true)] {
             let (q, k, v) = (
                 f32_var(&var(&[b, 2 * nkv, n, 8], 21)),

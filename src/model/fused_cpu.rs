@@ -1370,10 +1370,18 @@ impl AttnShape {
         })
     }
 
+    /// Which `[s, t]` bias batch `bi` takes: its own, or the one all share.
+    fn bias_index(&self, bi: usize) -> usize {
+        if self.bias_per_batch {
+            bi
+        } else {
+            0
+        }
+    }
+
     /// The `[s, t]` bias of batch `bi`.
     fn bias_of<'a>(&self, bias: Option<&'a [f32]>, bi: usize) -> Option<&'a [f32]> {
-        let n = self.s * self.t;
-        let bi = if self.bias_per_batch { bi } else { 0 };
+        let (n, bi) = (self.s * self.t, self.bias_index(bi));
         bias.map(|b| &b[bi * n..(bi + 1) * n])
     }
 
@@ -1389,7 +1397,7 @@ impl AttnShape {
 
     /// Batch `bi`'s limits among [`AttnShape::limits`].
     fn limits_of<'a>(&self, limits: &'a [Vec<usize>], bi: usize) -> &'a [usize] {
-        &limits[if self.bias_per_batch { bi } else { 0 }]
+        &limits[self.bias_index(bi)]
     }
 
     /// Rows of queries per kv head, and the gemm threads per task: 1 when there are
