@@ -681,6 +681,29 @@ impl Backward2 for SwigluBackward {
 }
 
 // ---------------------------------------------------------------------------------------
+// Residual add
+
+/// `a + b` for the residual connections. On the CPU in f32, `fused_cpu::add_forward`
+/// (on the caller's rayon pool; see there why); elsewhere candle's add.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fused_cpu::usable_add(a, b) {
+        return a + b;
+    }
+    let out = fused_cpu::add_forward(&a.detach(), &b.detach())?;
+    attach2(a, b, Out::Cpu(out, a.shape().clone()), AddBackward)
+}
+
+struct AddBackward;
+
+impl Backward2 for AddBackward {
+    const NAME: &'static str = "taper-add";
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        Ok((Some(grad.clone()), Some(grad.clone())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // RMSNorm
 
 /// `(x / sqrt(mean(x^2) + eps))` in f32 (f64 for f64), cast back to `x`'s dtype, times
@@ -1161,6 +1184,23 @@ mod tests {
         let g2 = grads_of(&want, dy.as_tensor(), &[&gate, &up]);
         for (a, b) in g1.iter().zip(&g2) {
             assert!(rel_diff(a, b) < 1e-5, "swiglu gradient {}", rel_diff(a, b));
+        }
+
+        // The residual add, more elements than one task takes: exact, both gradients
+        // the output's.
+        let (a, b) = (
+            f32_var(&var(&[3, 70, 101], 32)),
+            f32_var(&var(&[3, 70, 101], 33)),
+        );
+        assert!(fused_cpu::usable_add(a.as_tensor(), b.as_tensor()));
+        let ours = add(a.as_tensor(), b.as_tensor()).unwrap();
+        let want = (a.as_tensor() + b.as_tensor()).unwrap();
+        assert_eq!(rel_diff(&ours, &want), 0.0, "add");
+        let dy = f32_var(&var(&[3, 70, 101], 34));
+        let g1 = grads_of(&ours, dy.as_tensor(), &[&a, &b]);
+        let g2 = grads_of(&want, dy.as_tensor(), &[&a, &b]);
+        for (x, y) in g1.iter().zip(&g2) {
+            assert_eq!(rel_diff(x, y), 0.0, "add gradient");
         }
 
         let logits = Var::from_tensor(

@@ -340,6 +340,14 @@ multiversion! {
 }
 
 multiversion! {
+    fn add_elements(a: &[f32], b: &[f32], y: &mut [MaybeUninit<f32>]) {
+        for ((yj, &aj), &bj) in y.iter_mut().zip(a).zip(b) {
+            yj.write(aj + bj);
+        }
+    }
+}
+
+multiversion! {
     fn swiglu_elements(g: &[f32], u: &[f32], y: &mut [MaybeUninit<f32>]) {
         for ((yj, &gj), &uj) in y.iter_mut().zip(g).zip(u) {
             yj.write((gj / (1.0 + exp(-gj))) * uj);
@@ -751,6 +759,36 @@ pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Vec<f32>> {
                 par_uninit(gs.len(), c, |i, yc| {
                     let range = i * c..i * c + yc.len();
                     swiglu_elements(&gs[range.clone()], &us[range], yc)
+                })
+            })
+        })
+    })
+}
+
+/// Whether [`add_forward`] can serve `a + b`: f32 CPU tensors of one shape.
+pub fn usable_add(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.dims() == b.dims()
+}
+
+/// `a + b` elementwise on the calling thread's rayon pool. candle's own add splits
+/// large tensors over a process-wide pool of its own, which two forward passes running
+/// side by side (the eval's batches, `stages::eval::score`) would have to share.
+pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("add: inputs of shapes {:?} and {:?}", a.dims(), b.dims())
+    }
+    let c = TASK_ELEMENTS;
+    with_f32(a, |xs| {
+        with_f32(b, |ys| {
+            // SAFETY: `add_elements` writes every element of `yc`.
+            Ok(unsafe {
+                par_uninit(xs.len(), c, |i, yc| {
+                    let range = i * c..i * c + yc.len();
+                    add_elements(&xs[range.clone()], &ys[range], yc)
                 })
             })
         })

@@ -16,6 +16,7 @@ use super::attention::Attention;
 use super::config::ModelConfig;
 use super::error::ModelError;
 use super::frozen::FrozenLinear;
+use super::fused::add;
 use super::kv_cache::{KvCache, LayerCache};
 use super::lora::{DropoutSeed, LoraLinear};
 use super::mask::{attention_bias, causal_bias_after};
@@ -53,9 +54,9 @@ impl DecoderLayer {
         train: bool,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, bias, train)?)?;
+        let x = add(x, &self.self_attn.forward(&h, cos, sin, bias, train)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward_t(&h, train)?
+        add(&x, &self.mlp.forward_t(&h, train)?)
     }
 
     fn forward_cached(
@@ -67,9 +68,12 @@ impl DecoderLayer {
         cache: &mut LayerCache,
     ) -> candle_core::Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward_cached(&h, cos, sin, bias, cache)?)?;
+        let x = add(
+            x,
+            &self.self_attn.forward_cached(&h, cos, sin, bias, cache)?,
+        )?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        x + self.mlp.forward_t(&h, false)?
+        add(&x, &self.mlp.forward_t(&h, false)?)
     }
 }
 

@@ -53,15 +53,28 @@ pub fn score<E>(
         .filter(|r| super::data::target_count(r) > 0)
         .collect();
     order.sort_by_key(|r| r.input_ids.len());
+    let batches: Vec<&[&Row]> = order.chunks(batch_size.max(1)).collect();
+    let block = logit_rows(vocab);
+    let workers = side_by_side(model, batches.len());
+    let results = if workers > 1 {
+        score_side_by_side(model, &batches, block, workers, each_batch)?
+    } else {
+        let mut results = Vec::with_capacity(batches.len());
+        let mut done = 0usize;
+        for batch in &batches {
+            results.push(
+                batch_nll(model, batch, block).map_err(|e| ScoreError::Model(e.to_string()))?,
+            );
+            done += batch.len();
+            each_batch(done).map_err(ScoreError::Stopped)?;
+        }
+        results
+    };
+    // Summed in batch order, whichever way the batches ran.
     let (mut sum, mut tokens) = (0.0f64, 0u64);
-    let mut done = 0usize;
-    for batch in order.chunks(batch_size.max(1)) {
-        let (s, n) = batch_nll(model, batch, logit_rows(vocab))
-            .map_err(|e| ScoreError::Model(e.to_string()))?;
+    for (s, n) in results {
         sum += s;
         tokens += n;
-        done += batch.len();
-        each_batch(done).map_err(ScoreError::Stopped)?;
     }
     if tokens == 0 {
         return Err(ScoreError::Input(
@@ -77,6 +90,91 @@ pub fn score<E>(
         tokens,
         rows: order.len() as u64,
     })
+}
+
+/// How many batches [`score`] runs side by side: on the CPU, one per thread of the
+/// caller's rayon pool (at most one per batch); elsewhere one.
+///
+/// Each batch then runs on a single thread. Splitting every product and kernel of one
+/// forward over the threads, as a single batch must, leaves them waiting on each other
+/// at every op's end and packs each product's input once per thread; whole batches side
+/// by side do neither (BENCHMARKS.md, "eval").
+fn side_by_side(model: &Llama, batches: usize) -> usize {
+    if model.device().is_cpu() {
+        rayon::current_num_threads().min(batches).max(1)
+    } else {
+        1
+    }
+}
+
+/// The batches' `(loss sum, targets)`, in order, computed by `workers` threads that each
+/// take the next batch not yet taken and run it in a one-thread rayon pool of its own,
+/// so every kernel of that forward stays on it. `each_batch` runs on the calling thread
+/// as results come in; once it or a batch fails, no further batch is started.
+fn score_side_by_side<E>(
+    model: &Llama,
+    batches: &[&[&Row]],
+    block: usize,
+    workers: usize,
+    mut each_batch: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Vec<(f64, u64)>, ScoreError<E>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let mut results: Vec<Option<(f64, u64)>> = vec![None; batches.len()];
+    let mut failure: Option<ScoreError<E>> = None;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..workers {
+            let (tx, next, stop) = (tx.clone(), &next, &stop);
+            scope.spawn(move || {
+                let work = || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) || i >= batches.len() {
+                        break;
+                    }
+                    let r = batch_nll(model, batches[i], block).map_err(|e| e.to_string());
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                };
+                match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+                    Ok(pool) => pool.install(work),
+                    Err(e) => {
+                        let _ =
+                            tx.send((usize::MAX, Err(format!("starting a scoring thread: {e}"))));
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut done = 0usize;
+        for (i, r) in rx {
+            if failure.is_some() {
+                continue;
+            }
+            match r {
+                Ok(v) => {
+                    results[i] = Some(v);
+                    done += batches[i].len();
+                    if let Err(e) = each_batch(done) {
+                        failure = Some(ScoreError::Stopped(e));
+                    }
+                }
+                Err(m) => failure = Some(ScoreError::Model(m)),
+            }
+            if failure.is_some() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| ScoreError::Model("a batch was not scored".into())))
+        .collect()
 }
 
 /// Why scoring failed.
@@ -220,6 +318,80 @@ mod tests {
                 "block {block}: {sum} vs {want}"
             );
         }
+    }
+
+    /// Rows of the tiny Llama's vocabulary, of varied lengths and masks.
+    fn tiny_rows(n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|r| {
+                let len = 5 + (r * 7) % 11;
+                Row {
+                    input_ids: (0..len as u32)
+                        .map(|i| (i * 37 + r as u32 * 11) % 200 + 3)
+                        .collect(),
+                    loss_mask: (0..len).map(|i| (i + r) % 5 != 1).collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_side_by_side_score_exactly_as_one_after_another() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let model = crate::model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let rows = tiny_rows(9);
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let run = |threads: usize| {
+            pool(threads).install(|| {
+                // 9 rows in batches of 2: 5 batches, over up to 3 threads.
+                assert_eq!(side_by_side(&model, 5), threads.min(5));
+                let mut seen = Vec::new();
+                let s = score(&model, &rows, 2, |done| {
+                    seen.push(done);
+                    Ok::<_, ()>(())
+                })
+                .unwrap();
+                (s, seen)
+            })
+        };
+        let (one, seen) = run(1);
+        assert_eq!(seen, [2, 4, 6, 8, 9]);
+        for threads in [2, 3] {
+            let (s, seen) = run(threads);
+            // The same floats: each batch's forward is the same work on one thread, and
+            // the sums are taken in batch order.
+            assert_eq!(s, one, "{threads} threads");
+            assert_eq!(seen.len(), 5);
+            assert_eq!(seen.last(), Some(&9));
+        }
+    }
+
+    #[test]
+    fn a_stop_from_the_callback_ends_scoring_side_by_side() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let model = crate::model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let rows = tiny_rows(12);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut calls = 0;
+        let r = pool.install(|| {
+            score(&model, &rows, 1, |_| {
+                calls += 1;
+                Err("stop")
+            })
+        });
+        assert!(matches!(r, Err(ScoreError::Stopped("stop"))));
+        // The first result stops it: no more than the batches already running finish.
+        assert_eq!(calls, 1);
     }
 
     #[test]
