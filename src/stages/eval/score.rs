@@ -95,7 +95,8 @@ pub fn score<E>(
 /// How many batches [`score`] runs side by side: on the CPU, one per thread of the
 /// caller's rayon pool (at most one per batch); elsewhere one.
 ///
-/// Each batch then runs on a single thread. Splitting every product and kernel of one
+/// Each batch then runs on its share of the threads, one where there are as many
+/// batches as threads. Splitting every product and kernel of one
 /// forward over the threads, as a single batch must, leaves them waiting on each other
 /// at every op's end and packs each product's input once per thread; whole batches side
 /// by side do neither (BENCHMARKS.md, "eval").
@@ -108,8 +109,9 @@ fn side_by_side(model: &Llama, batches: usize) -> usize {
 }
 
 /// The batches' `(loss sum, targets)`, in order, computed by `workers` threads that each
-/// take the next batch not yet taken and run it in a one-thread rayon pool of its own,
-/// so every kernel of that forward stays on it. `each_batch` runs on the calling thread
+/// take the next batch not yet taken and run it in a rayon pool of its own with its
+/// share of the caller's threads (one thread when there are at least as many batches
+/// as threads), so every kernel of that forward stays on those. `each_batch` runs on the calling thread
 /// as results come in; once it or a batch fails, no further batch is started.
 fn score_side_by_side<E>(
     model: &Llama,
@@ -125,7 +127,9 @@ fn score_side_by_side<E>(
     let mut failure: Option<ScoreError<E>> = None;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..workers {
+        let threads = rayon::current_num_threads().max(workers);
+        for w in 0..workers {
+            let share = threads / workers + usize::from(w < threads % workers);
             let (tx, next, stop) = (tx.clone(), &next, &stop);
             scope.spawn(move || {
                 let work = || loop {
@@ -138,7 +142,7 @@ fn score_side_by_side<E>(
                         break;
                     }
                 };
-                match rayon::ThreadPoolBuilder::new().num_threads(1).build() {
+                match rayon::ThreadPoolBuilder::new().num_threads(share).build() {
                     Ok(pool) => pool.install(work),
                     Err(e) => {
                         let _ =
@@ -340,19 +344,18 @@ mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let model = crate::model::load_model(&dir, DType::F32, &Device::Cpu).unwrap();
-        let rows = tiny_rows(9);
         let pool = |n| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build()
                 .unwrap()
         };
-        let run = |threads: usize| {
+        let run = |rows: &[Row], threads: usize| {
             pool(threads).install(|| {
-                // 9 rows in batches of 2: 5 batches, over up to 3 threads.
-                assert_eq!(side_by_side(&model, 5), threads.min(5));
+                let batches = rows.len().div_ceil(2);
+                assert_eq!(side_by_side(&model, batches), threads.min(batches));
                 let mut seen = Vec::new();
-                let s = score(&model, &rows, 2, |done| {
+                let s = score(&model, rows, 2, |done| {
                     seen.push(done);
                     Ok::<_, ()>(())
                 })
@@ -360,16 +363,22 @@ mod tests {
                 (s, seen)
             })
         };
-        let (one, seen) = run(1);
+        // 9 rows in batches of 2: 5 batches over 2 or 3 threads, one thread each.
+        let rows = tiny_rows(9);
+        let (one, seen) = run(&rows, 1);
         assert_eq!(seen, [2, 4, 6, 8, 9]);
         for threads in [2, 3] {
-            let (s, seen) = run(threads);
-            // The same floats: each batch's forward is the same work on one thread, and
-            // the sums are taken in batch order.
+            let (s, seen) = run(&rows, threads);
+            // The same floats: each batch's forward is the same work whatever threads
+            // it runs on, and the sums are taken in batch order.
             assert_eq!(s, one, "{threads} threads");
             assert_eq!(seen.len(), 5);
             assert_eq!(seen.last(), Some(&9));
         }
+        // 2 batches over 5 threads: 3 and 2 threads each.
+        let rows = tiny_rows(4);
+        let (one, _) = run(&rows, 1);
+        assert_eq!(run(&rows, 5).0, one);
     }
 
     #[test]
