@@ -92,8 +92,10 @@ pub fn score<E>(
     })
 }
 
-/// How many batches [`score`] runs side by side: on the CPU, one per thread of the
-/// caller's rayon pool (at most one per batch); elsewhere one.
+/// How many batches [`score`] runs side by side: on the CPU in f32, where every kernel
+/// of the forward is taper's own, one per thread of the caller's rayon pool (at most one
+/// per batch); elsewhere one (candle's kernels for bf16 and f16 on the CPU share a
+/// process-wide pool of their own).
 ///
 /// Each batch then runs on its share of the threads, one where there are as many
 /// batches as threads. Splitting every product and kernel of one
@@ -101,7 +103,7 @@ pub fn score<E>(
 /// at every op's end and packs each product's input once per thread; whole batches side
 /// by side do neither (BENCHMARKS.md, "eval").
 fn side_by_side(model: &Llama, batches: usize) -> usize {
-    if model.device().is_cpu() {
+    if model.device().is_cpu() && model.dtype() == DType::F32 {
         rayon::current_num_threads().min(batches).max(1)
     } else {
         1
