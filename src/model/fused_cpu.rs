@@ -748,17 +748,33 @@ fn norm_backward(
 
 /// `silu(g) * u` of equal-shaped `g` and `u`.
 pub fn swiglu_forward(g: &Tensor, u: &Tensor) -> Result<Vec<f32>> {
-    if g.dims() != u.dims() {
-        candle_core::bail!("swiglu: inputs of shapes {:?} and {:?}", g.dims(), u.dims())
+    // SAFETY: `swiglu_elements` writes every element of its output.
+    unsafe { zip_elements("swiglu", g, u, swiglu_elements) }
+}
+
+/// `kernel` over equal-shaped `a` and `b`, a chunk of [`TASK_ELEMENTS`] a task, into a
+/// new buffer.
+///
+/// # Safety
+///
+/// `kernel` writes every element of the output slice it is given.
+unsafe fn zip_elements(
+    name: &str,
+    a: &Tensor,
+    b: &Tensor,
+    kernel: fn(&[f32], &[f32], &mut [MaybeUninit<f32>]),
+) -> Result<Vec<f32>> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("{name}: inputs of shapes {:?} and {:?}", a.dims(), b.dims())
     }
     let c = TASK_ELEMENTS;
-    with_f32(g, |gs| {
-        with_f32(u, |us| {
-            // SAFETY: `swiglu_elements` writes every element of `yc`.
+    with_f32(a, |xs| {
+        with_f32(b, |ys| {
+            // SAFETY: the caller's `kernel` writes every element of `yc`.
             Ok(unsafe {
-                par_uninit(gs.len(), c, |i, yc| {
+                par_uninit(xs.len(), c, |i, yc| {
                     let range = i * c..i * c + yc.len();
-                    swiglu_elements(&gs[range.clone()], &us[range], yc)
+                    kernel(&xs[range.clone()], &ys[range], yc)
                 })
             })
         })
@@ -778,21 +794,8 @@ pub fn usable_add(a: &Tensor, b: &Tensor) -> bool {
 /// large tensors over a process-wide pool of its own, which two forward passes running
 /// side by side (the eval's batches, `stages::eval::score`) would have to share.
 pub fn add_forward(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
-    if a.dims() != b.dims() {
-        candle_core::bail!("add: inputs of shapes {:?} and {:?}", a.dims(), b.dims())
-    }
-    let c = TASK_ELEMENTS;
-    with_f32(a, |xs| {
-        with_f32(b, |ys| {
-            // SAFETY: `add_elements` writes every element of `yc`.
-            Ok(unsafe {
-                par_uninit(xs.len(), c, |i, yc| {
-                    let range = i * c..i * c + yc.len();
-                    add_elements(&xs[range.clone()], &ys[range], yc)
-                })
-            })
-        })
-    })
+    // SAFETY: `add_elements` writes every element of its output.
+    unsafe { zip_elements("add", a, b, add_elements) }
 }
 
 /// The gradients of [`swiglu_forward`] for `g` and `u`, given the output's `dy`.
