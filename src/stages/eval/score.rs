@@ -98,10 +98,10 @@ pub fn score<E>(
 /// process-wide pool of their own).
 ///
 /// Each batch then runs on its share of the threads, one where there are as many
-/// batches as threads. Splitting every product and kernel of one
-/// forward over the threads, as a single batch must, leaves them waiting on each other
-/// at every op's end and packs each product's input once per thread; whole batches side
-/// by side do neither (BENCHMARKS.md, "eval").
+/// batches as threads. Splitting every product and kernel of one forward over the
+/// threads, as a single batch must, leaves them waiting on each other at every op's end
+/// and packs each product's input once per thread; whole batches side by side do
+/// neither (BENCHMARKS.md, "Session 9").
 fn side_by_side(model: &Llama, batches: usize) -> usize {
     if model.device().is_cpu() && model.dtype() == DType::F32 {
         rayon::current_num_threads().min(batches).max(1)
@@ -113,8 +113,9 @@ fn side_by_side(model: &Llama, batches: usize) -> usize {
 /// The batches' `(loss sum, targets)`, in order, computed by `workers` threads that each
 /// take the next batch not yet taken and run it in a rayon pool of its own with its
 /// share of the caller's threads (one thread when there are at least as many batches
-/// as threads), so every kernel of that forward stays on those. `each_batch` runs on the calling thread
-/// as results come in; once it or a batch fails, no further batch is started.
+/// as threads), so every kernel of that forward stays on those. `each_batch` runs on
+/// the calling thread as results come in; once it or a batch fails, no further batch
+/// is started.
 fn score_side_by_side<E>(
     model: &Llama,
     batches: &[&[&Row]],
