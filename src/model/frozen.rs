@@ -43,10 +43,10 @@ impl FrozenLinear {
 
     /// Re-stores an f32 CPU weight as its contiguous transpose `[in, out]`, seen as the
     /// same `[out, in]` tensor: the layout the forward's product wants, which gemm reads
-    /// without packing for up to 48 rows a thread and packs with contiguous reads above
-    /// that (15-50 % faster at 128 rows; BENCHMARKS.md). The input gradient's product
-    /// wants the loaded layout, so models that train keep it. The
-    /// loaded copy is dropped unless something else holds it (a tied embedding does).
+    /// without packing for up to 48 rows and packs with contiguous reads above that
+    /// (15-50 % faster at 128 rows; BENCHMARKS.md). The input gradient's product wants
+    /// the loaded layout, so models that train keep it. The loaded copy is dropped
+    /// unless something else holds it (a tied embedding does).
     /// Other devices and dtypes keep their layout.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
         let w = &self.weight;

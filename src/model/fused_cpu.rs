@@ -1271,8 +1271,8 @@ pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Ve
 /// A 2-D f32 matrix as stored: element `(i, j)` at `i * rs + j * cs` of `data`. A frozen
 /// weight `[out, in]` is row-major as loaded, or column-major when the model was set up
 /// for inference ([`crate::model::frozen::FrozenLinear::store_transposed`]): the layout
-/// the forward's product wants (gemm reads it unpacked for up to 48 rows a thread, and
-/// packs it with contiguous reads above that).
+/// the forward's product wants (gemm reads it unpacked for up to 48 rows, and packs it
+/// with contiguous reads above that).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     data: &'a [f32],
