@@ -11,10 +11,10 @@
 # installed, else the same math in plain torch). The two sides run in turns, ROUNDS
 # times (two taper runs, then a PyTorch process that makes two passes, the first warming
 # it up; each side keeps the better of its two), so a slow minute of a shared machine
-# falls on both; each side keeps its best round, and every round is printed. Two taper numbers: the eval stage's
-# duration from the ledger (model load + shard read + scoring), and its scoring alone
-# (the `eval/tokens_per_s` metric). PyTorch's is the scoring loop alone: like for like
-# with the second, and favoured against the first.
+# falls on both; each side keeps its best round, and every round is printed. Two taper
+# numbers: the eval stage's duration from the ledger (model load + shard read +
+# scoring), and its scoring alone (the `eval/tokens_per_s` metric). PyTorch's is the
+# scoring loop alone: like for like with the second, and favoured against the first.
 set -euo pipefail
 ROWS=${1:-32}; SEQ=${2:-256}; BATCH=${3:-4}; THREADS=${4:-2}; ROUNDS=${5:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,6 +39,7 @@ for i in $(seq "$ROUNDS"); do
     if [ -z "$s" ] || python3 -c "import sys; sys.exit(not $ps < $s)"; then s=$ps; fi
     if python3 -c "import sys; sys.exit(not $prate > $rate)"; then rate=$prate; fi
   done
+  # The round's better pass against the best so far.
   if [ -z "$best" ] || python3 -c "import sys; sys.exit(not $s < $best)"; then best=$s; fi
   if python3 -c "import sys; sys.exit(not $rate > $best_rate)"; then best_rate=$rate; fi
   tj=$(python3 "$ROOT/benches/eval_compare.py" torch "$WORK" --batch "$BATCH" --threads "$THREADS" \
