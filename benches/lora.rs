@@ -23,12 +23,12 @@ const SEQ: usize = 128;
 
 /// A `d x d` LoRA linear of rank `r`. With `trainable`, A and B are variables and the base
 /// weight keeps the layout training uses; otherwise the layer is set up as taper's
-/// inference paths (eval, generate) set it up, its weight stored transposed
-/// (`FrozenLinear::store_transposed`).
+/// inference paths (eval, generate) set it up, its weight packed or transposed
+/// (`FrozenLinear::store_for_inference`).
 fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
     let mut layer = LoraLinear::new("bench", FrozenLinear::new(randn(&[d, d]), None));
     if !trainable {
-        layer.store_transposed().unwrap();
+        layer.store_for_inference().unwrap();
     }
     let (a, b) = (randn(&[r, d]), randn(&[d, r]));
     let vars = if trainable {
@@ -132,12 +132,12 @@ fn lora_forward_backward(c: &mut Criterion) {
                 .unwrap()
                 .backward()
                 .unwrap();
-            assert!(grads.get(x).is_some() && grads.get(layer.base().weight()).is_none());
+            assert!(grads.get(x).is_some() && grads.get(layer.base().weight().unwrap()).is_none());
         })
     });
     // The same layer with the base through candle's matmul: backprop also computes the
     // base-weight gradient nobody uses.
-    let w = layer.base().weight().clone();
+    let w = layer.base().weight().unwrap().clone();
     let (a, bm) = (vars[0].as_tensor().clone(), vars[1].as_tensor().clone());
     group.bench_function("plain_matmul", |b| {
         b.iter(|| {

@@ -58,6 +58,6 @@ pub fn bench_llama(dir: &std::path::Path) -> Llama {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let mut model = taper::model::load_model(dir, DType::F32, &Device::Cpu).unwrap();
     // As taper's inference paths (eval, generate, forward) set it up.
-    model.store_transposed().unwrap();
+    model.store_for_inference().unwrap();
     model
 }

@@ -74,7 +74,7 @@ pub fn generate(a: &GenerateArgs) -> Result<i32, Failure> {
     sampling.validate().map_err(fail)?;
     let tokenizer = model::TextTokenizer::from_model_dir(&a.model).map_err(fail)?;
     let mut llama = model::load_model(&a.model, dtype, &device).map_err(fail)?;
-    llama.store_transposed().map_err(fail)?;
+    llama.store_for_inference().map_err(fail)?;
     if let Some(dir) = &a.adapter {
         let adapter = crate::formats::read_adapter(dir).map_err(fail)?;
         model::attach_adapter(&mut llama, &adapter, None).map_err(fail)?;

@@ -76,7 +76,7 @@ pub fn forward_logits(
 ) -> Result<Tensor, ModelError> {
     let mut model = load_model(model_dir, dtype, device)?;
     model
-        .store_transposed()
+        .store_for_inference()
         .ctx(|| format!("{}: setting up for inference", model_dir.display()))?;
     if let Some(dir) = adapter_dir {
         let adapter = formats::read_adapter(dir)?;

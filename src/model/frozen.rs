@@ -6,23 +6,59 @@
 //! `CustomOp1` to the input only; the weight lives inside the op, the forward is a
 //! storage-level matmul and the backward returns just the input gradient `grad @ W`.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor};
 
 use super::error::ModelError;
+use super::packed::PackedWeight;
 use super::weights::Weights;
 
 /// `y = x @ W^T (+ b)` with `W` `[out, in]` frozen.
 #[derive(Clone, Debug)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// How a frozen weight `[out, in]` is stored.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// A tensor `[out, in]`: as loaded, or its contiguous transpose seen as `[out, in]`.
+    Tensor(Tensor),
+    /// Packed for the CPU forward ([`PackedWeight`]); f32 on the CPU.
+    Packed(Arc<PackedWeight>),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Weight::Tensor(t) => t.dims2(),
+            Weight::Packed(p) => Ok(p.dims()),
+        }
+    }
+
+    /// The weight as a tensor `[out, in]`: itself, or a packed one unpacked into a new
+    /// tensor (a copy of the weight: only a backward through a model set up for
+    /// inference takes it, and taper's stages never train one).
+    pub fn to_tensor(&self) -> candle_core::Result<Cow<'_, Tensor>> {
+        match self {
+            Weight::Tensor(t) => Ok(Cow::Borrowed(t)),
+            Weight::Packed(p) => p.to_tensor(&candle_core::Device::Cpu).map(Cow::Owned),
+        }
+    }
 }
 
 impl FrozenLinear {
     /// Wraps existing tensors. They should not be `Var`s: no gradient reaches them.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Weight::Tensor(weight),
+            bias,
+        }
     }
 
     /// Loads `weight` `[out, in]` and, when `bias` is set, `bias` `[out]`.
@@ -41,23 +77,52 @@ impl FrozenLinear {
         Ok(Self::new(weight, bias))
     }
 
-    /// Re-stores an f32 CPU weight as its contiguous transpose `[in, out]`, seen as the
-    /// same `[out, in]` tensor: the layout the forward's product wants, which gemm reads
-    /// without packing for up to 48 rows and packs with contiguous reads above that
-    /// (15-50 % faster at 128 rows; BENCHMARKS.md). The input gradient's product wants
-    /// the loaded layout, so models that train keep it. The loaded copy is dropped
-    /// unless something else holds it (a tied embedding does).
+    /// Re-stores an f32 CPU weight the way the forward reads it fastest: packed
+    /// ([`PackedWeight`]) where this CPU runs the packed product, else as its contiguous
+    /// transpose `[in, out]` seen as the same `[out, in]` tensor, which gemm reads without
+    /// packing for products of up to 48 rows and packs with contiguous reads above that
+    /// (15-50 % faster at 128 rows; BENCHMARKS.md). Either way the same memory. The input
+    /// gradient's product wants the loaded layout, so models that train keep it. The
+    /// loaded copy is dropped unless something else holds it (a tied embedding does).
     /// Other devices and dtypes keep their layout.
+    pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
+        self.store_as(super::packed::packing_pays())
+    }
+
+    /// [`Self::store_for_inference`] never packing: the transposed layout (what CPUs
+    /// without the packed product get), for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
-        let w = &self.weight;
-        if w.device().is_cpu() && w.dtype() == DType::F32 && w.layout().stride()[1] == 1 {
-            self.weight = super::fused_cpu::transpose(w)?.t()?;
+        self.store_as(false)
+    }
+
+    /// [`Self::store_for_inference`], packed only when `pack` (and the CPU has the
+    /// packed product's instructions or runs its scalar path: the tests take both).
+    fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
+        let Weight::Tensor(w) = &self.weight else {
+            return Ok(());
+        };
+        if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+            return Ok(());
+        }
+        if pack {
+            self.weight = Weight::Packed(Arc::new(PackedWeight::pack(w)?));
+        } else if w.layout().stride()[1] == 1 {
+            self.weight = Weight::Tensor(super::fused_cpu::transpose(w)?.t()?);
         }
         Ok(())
     }
 
-    pub fn weight(&self) -> &Tensor {
+    /// The weight as stored.
+    pub fn stored(&self) -> &Weight {
         &self.weight
+    }
+
+    /// The weight as a tensor, unless it is packed ([`Self::store_for_inference`]).
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Tensor(t) => Some(t),
+            Weight::Packed(_) => None,
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -66,11 +131,8 @@ impl FrozenLinear {
 
     /// `(in, out)` features.
     pub fn dims(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (
-            d.get(1).copied().unwrap_or(0),
-            d.first().copied().unwrap_or(0),
-        )
+        let (out, inp) = self.weight.dims().unwrap_or((0, 0));
+        (inp, out)
     }
 }
 
@@ -88,13 +150,24 @@ impl Module for FrozenLinear {
 
 /// `x @ W^T` over the last dimension of a contiguous `x`; gradient for `x` only.
 struct FrozenMatmul {
-    weight: Tensor,
+    weight: Weight,
 }
 
 impl FrozenMatmul {
+    /// The weight as a tensor, for the storage-level products of other devices (a packed
+    /// weight is f32 on the CPU and never reaches them).
+    fn tensor(&self) -> candle_core::Result<&Tensor> {
+        match &self.weight {
+            Weight::Tensor(t) => Ok(t),
+            Weight::Packed(_) => {
+                candle_core::bail!("frozen linear: a packed weight serves f32 on the CPU only")
+            }
+        }
+    }
+
     /// The output shape and the `(m, n, k)` of the flattened product.
     fn plan(&self, x: &Layout) -> candle_core::Result<(Shape, (usize, usize, usize))> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (out_dim, in_dim) = self.weight.dims()?;
         let dims = x.dims();
         let Some((&k, batch)) = dims.split_last() else {
             candle_core::bail!("frozen linear: input is a scalar")
@@ -135,23 +208,25 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        // f32: straight to gemm, into an output that is not zeroed first, with the weight
-        // as stored (row-major, or its transpose after `store_transposed`).
+        // f32: the packed product, or straight to gemm with the weight as stored
+        // (row-major, or its transpose), into an output that is not zeroed first.
         if let CpuStorage::F32(xs) = x {
-            if self.weight.dtype() == DType::F32 && self.weight.device().is_cpu() {
-                let (shape, (m, n, k)) = self.plan(layout)?;
-                let x0 = layout.start_offset();
-                let y = super::fused_cpu::with_matrix(&self.weight, |w| {
-                    Ok(super::fused_cpu::linear_with(
-                        &xs[x0..x0 + m * k],
-                        w,
-                        (m, n, k),
-                    ))
-                })?;
-                return Ok((CpuStorage::F32(y), shape));
+            let (shape, (m, n, k)) = self.plan(layout)?;
+            let x0 = layout.start_offset();
+            let xs = &xs[x0..x0 + m * k];
+            match &self.weight {
+                Weight::Packed(p) => return Ok((CpuStorage::F32(p.linear(xs, m)), shape)),
+                Weight::Tensor(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
+                    let y = super::fused_cpu::with_matrix(w, |w| {
+                        Ok(super::fused_cpu::linear_with(xs, w, (m, n, k)))
+                    })?;
+                    return Ok((CpuStorage::F32(y), shape));
+                }
+                Weight::Tensor(_) => {}
             }
         }
-        let (w, w_layout) = self.weight.storage_and_layout();
+        let w = self.tensor()?;
+        let (w, w_layout) = w.storage_and_layout();
         match &*w {
             Storage::Cpu(w) => self.fwd(x, layout, w, w_layout),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
@@ -163,7 +238,8 @@ impl CustomOp1 for FrozenMatmul {
         x: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (w, w_layout) = self.weight.storage_and_layout();
+        let w = self.tensor()?;
+        let (w, w_layout) = w.storage_and_layout();
         match &*w {
             Storage::Cuda(w) => self.fwd(x, layout, w, w_layout),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
@@ -175,7 +251,8 @@ impl CustomOp1 for FrozenMatmul {
         x: &candle_core::MetalStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
-        let (w, w_layout) = self.weight.storage_and_layout();
+        let w = self.tensor()?;
+        let (w, w_layout) = w.storage_and_layout();
         match &*w {
             Storage::Metal(w) => self.fwd(x, layout, w, w_layout),
             _ => candle_core::bail!("frozen linear: weight and input on different devices"),
@@ -184,17 +261,14 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x @ W^T)/dx = grad @ W; the weight is deliberately left without a gradient.
-        if grad.device().is_cpu() && grad.dtype() == DType::F32 && self.weight.dtype() == DType::F32
-        {
-            return super::fused_cpu::linear_input_grad(grad, &self.weight).map(Some);
+        let weight = self.weight.to_tensor()?;
+        if grad.device().is_cpu() && grad.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            return super::fused_cpu::linear_input_grad(grad, &weight).map(Some);
         }
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (out_dim, in_dim) = weight.dims2()?;
         let dims = grad.dims().to_vec();
         let m = grad.elem_count() / out_dim.max(1);
-        let gx = grad
-            .contiguous()?
-            .reshape((m, out_dim))?
-            .matmul(&self.weight)?;
+        let gx = grad.contiguous()?.reshape((m, out_dim))?.matmul(&weight)?;
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {
             *last = in_dim;
@@ -260,16 +334,10 @@ mod tests {
     }
 
     #[test]
-    fn a_transposed_store_gives_the_same_value_and_gradient() {
+    fn a_store_for_inference_gives_the_same_value_and_gradient() {
         let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let (w, b) = (f32s(rand(&[5, 7])), f32s(rand(&[5])));
         let plain = FrozenLinear::new(w.clone(), Some(b.clone()));
-        let mut stored = FrozenLinear::new(w.clone(), Some(b));
-        stored.store_transposed().unwrap();
-        stored.store_transposed().unwrap(); // twice: still one transpose
-        assert_eq!(stored.weight().dims(), [5, 7]);
-        assert_eq!(stored.weight().layout().stride(), [1, 5]);
-        assert_eq!(max_diff(stored.weight(), &w), 0.0);
         let x = Var::from_tensor(&f32s(rand(&[2, 3, 7]))).unwrap();
         let dy = f32s(rand(&[2, 3, 5]));
         let run = |l: &FrozenLinear| {
@@ -277,13 +345,36 @@ mod tests {
             let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
             (y, grads.get(x.as_tensor()).unwrap().clone())
         };
-        let ((y1, g1), (y2, g2)) = (run(&plain), run(&stored));
-        assert!(max_diff(&y1, &y2) < 1e-5, "{}", max_diff(&y1, &y2));
-        assert!(max_diff(&g1, &g2) < 1e-5, "{}", max_diff(&g1, &g2));
+        let (y1, g1) = run(&plain);
+        // Packed, and transposed (what CPUs without the packed product get).
+        for pack in [true, false] {
+            let mut stored = FrozenLinear::new(w.clone(), Some(b.clone()));
+            stored.store_as(pack).unwrap();
+            stored.store_as(pack).unwrap(); // twice: still one re-store
+            assert_eq!(stored.dims(), (7, 5));
+            match stored.stored() {
+                Weight::Packed(p) => {
+                    assert!(pack);
+                    assert_eq!(max_diff(&p.to_tensor(&Device::Cpu).unwrap(), &w), 0.0);
+                }
+                Weight::Tensor(t) => {
+                    assert!(!pack);
+                    assert_eq!(t.layout().stride(), [1, 5]);
+                    assert_eq!(max_diff(t, &w), 0.0);
+                }
+            }
+            let (y2, g2) = run(&stored);
+            assert!(max_diff(&y1, &y2) < 1e-5, "{}", max_diff(&y1, &y2));
+            assert!(max_diff(&g1, &g2) < 1e-5, "{}", max_diff(&g1, &g2));
+        }
+        let mut auto = FrozenLinear::new(w, None);
+        auto.store_for_inference().unwrap();
+        let packed = matches!(auto.stored(), Weight::Packed(_));
+        assert_eq!(packed, super::super::packed::packing_pays());
         // Other dtypes keep their layout.
         let mut f64s = FrozenLinear::new(rand(&[5, 7]), None);
-        f64s.store_transposed().unwrap();
-        assert_eq!(f64s.weight().layout().stride(), [7, 1]);
+        f64s.store_for_inference().unwrap();
+        assert_eq!(f64s.weight().unwrap().layout().stride(), [7, 1]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
 
+use super::frozen::Weight;
 use super::norm::internal_dtype;
 use super::{fused_cpu, fused_cuda};
 
@@ -468,7 +469,7 @@ impl Backward3 for AttentionBackward {
 /// the caller then composes it. Without dropout only: the branch reads `x` itself.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &Weight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -487,9 +488,12 @@ pub fn lora_linear(
     let x2 = x.detach().reshape((m, i))?;
     let out = fused_cpu::lora_forward(&x2, w, bias, &a.detach(), &b.detach(), scale)?;
     let mut shape = lead.to_vec();
-    shape.push(w.dim(0)?);
+    shape.push(w.dims()?.0);
     let op = LoraBackward {
-        weight: w.detach(),
+        weight: match w {
+            Weight::Tensor(t) => Weight::Tensor(t.detach()),
+            Weight::Packed(p) => Weight::Packed(p.clone()),
+        },
         scale,
         need_dx: x.track_op(),
     };
@@ -497,7 +501,7 @@ pub fn lora_linear(
 }
 
 struct LoraBackward {
-    weight: Tensor,
+    weight: Weight,
     scale: f64,
     /// Whether the input needs its gradient (it does below any other trainable layer).
     need_dx: bool,
@@ -513,8 +517,9 @@ impl Backward3 for LoraBackward {
             grad.dims().last().copied().unwrap_or(1),
         );
         let (x2, g2) = (x.reshape(((), i))?, grad.reshape(((), o))?);
-        let (dx, da, db) =
-            fused_cpu::lora_backward(&x2, &self.weight, a, b, &g2, self.scale, self.need_dx)?;
+        // A packed weight is unpacked here (a model set up for inference, trained).
+        let w = self.weight.to_tensor()?;
+        let (dx, da, db) = fused_cpu::lora_backward(&x2, &w, a, b, &g2, self.scale, self.need_dx)?;
         let dx = match dx {
             Some(dx) => Some(dx.reshape(x.shape())?),
             None => None,
@@ -1267,14 +1272,18 @@ mod tests {
             let up = down.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap();
             (base + (up * 1.5).unwrap()).unwrap()
         };
-        // The weight as loaded, and as inference stores it (its transpose, viewed back).
+        // The weight as loaded, and as inference stores it (its transpose, viewed back, or
+        // packed).
         let w_t = w.t().unwrap().contiguous().unwrap().t().unwrap();
         assert_eq!(w_t.layout().stride(), [1, 21]);
+        let packed = Weight::Packed(std::sync::Arc::new(
+            crate::model::packed::PackedWeight::pack(&w).unwrap(),
+        ));
         let dy = f32_var(&var(&[2, 9, 21], 56));
-        for w_stored in [&w, &w_t] {
+        for w_stored in [Weight::Tensor(w.clone()), Weight::Tensor(w_t), packed] {
             let ours = lora_linear(
                 x.as_tensor(),
-                w_stored,
+                &w_stored,
                 Some(&bias),
                 a.as_tensor(),
                 b.as_tensor(),
@@ -1301,9 +1310,16 @@ mod tests {
         }
         // An input that needs no gradient gets none (and costs no product).
         let xc = x.as_tensor().detach();
-        let y = lora_linear(&xc, &w, None, a.as_tensor(), b.as_tensor(), 1.5)
-            .unwrap()
-            .unwrap();
+        let y = lora_linear(
+            &xc,
+            &Weight::Tensor(w.clone()),
+            None,
+            a.as_tensor(),
+            b.as_tensor(),
+            1.5,
+        )
+        .unwrap()
+        .unwrap();
         let grads = (y * dy.as_tensor())
             .unwrap()
             .sum_all()
@@ -1313,7 +1329,7 @@ mod tests {
         assert!(grads.get(&xc).is_none() && grads.get(a.as_tensor()).is_some());
         // f64 is not the kernel's: the caller composes.
         let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
-        let w64 = w.to_dtype(DType::F64).unwrap();
+        let w64 = Weight::Tensor(w.to_dtype(DType::F64).unwrap());
         assert!(
             lora_linear(&x64, &w64, None, a.as_tensor(), b.as_tensor(), 1.5)
                 .unwrap()

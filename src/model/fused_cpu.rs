@@ -24,6 +24,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{DType, Result, Storage, Tensor};
 
+use super::frozen::Weight;
 use super::mask::MASKED;
 use rayon::prelude::*;
 
@@ -1270,7 +1271,8 @@ pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Ve
 
 /// A 2-D f32 matrix as stored: element `(i, j)` at `i * rs + j * cs` of `data`. A frozen
 /// weight `[out, in]` is row-major as loaded, or column-major when the model was set up
-/// for inference ([`crate::model::frozen::FrozenLinear::store_transposed`]): the layout
+/// for inference ([`crate::model::frozen::FrozenLinear::store_for_inference`], where the
+/// weights are not packed): the layout
 /// the forward's product wants (gemm reads it unpacked for up to 48 rows, and packs it
 /// with contiguous reads above that).
 #[derive(Clone, Copy)]
@@ -1289,6 +1291,11 @@ impl<'a> Matrix<'a> {
     /// Its transpose as a product operand.
     fn transposed(self) -> Operand<'a> {
         (self.data, self.cs, self.rs)
+    }
+
+    /// Element `(i, j)`.
+    pub(crate) fn at(self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
     }
 }
 
@@ -1695,28 +1702,31 @@ pub fn attention_backward(
 }
 
 /// Whether [`lora_forward`] and [`lora_backward`] serve this LoRA linear: everything f32
-/// on the CPU.
-pub fn usable_lora(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor) -> bool {
-    x.device().is_cpu() && [x, w, a, b].iter().all(|t| t.dtype() == DType::F32)
+/// on the CPU (a packed weight is).
+pub fn usable_lora(x: &Tensor, w: &Weight, a: &Tensor, b: &Tensor) -> bool {
+    let w_ok = match w {
+        Weight::Tensor(w) => w.device().is_cpu() && w.dtype() == DType::F32,
+        Weight::Packed(_) => true,
+    };
+    w_ok && x.device().is_cpu() && [x, a, b].iter().all(|t| t.dtype() == DType::F32)
 }
 
 /// The sizes of a LoRA linear: `x` `[m, in]`, `w` `[out, in]`, `a` `[r, in]`, `b`
 /// `[out, r]`; returns `(m, in, out, r)`.
 fn lora_dims(
     x: &Tensor,
-    w: &Tensor,
+    (o, wi): (usize, usize),
     a: &Tensor,
     b: &Tensor,
 ) -> Result<(usize, usize, usize, usize)> {
     let (m, i) = x.dims2()?;
-    let (o, wi) = w.dims2()?;
     let (r, ai) = a.dims2()?;
     let (bo, br) = b.dims2()?;
     if wi != i || ai != i || bo != o || br != r {
         candle_core::bail!(
             "lora linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit",
             x.dims(),
-            w.dims(),
+            [o, wi],
             a.dims(),
             b.dims()
         )
@@ -1728,26 +1738,28 @@ fn lora_dims(
 /// low-rank update added into it by the second product, with no pass of its own.
 pub fn lora_forward(
     x: &Tensor,
-    w: &Tensor,
+    w: &Weight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
     s: f64,
 ) -> Result<Vec<f32>> {
-    let (m, i, o, r) = lora_dims(x, w, a, b)?;
+    let (m, i, o, r) = lora_dims(x, w.dims()?, a, b)?;
     let threads = rayon::current_num_threads();
     let mut y = with_f32(x, |xs| {
-        with_matrix(w, |wm| {
-            with_f32(a, |as_| {
-                with_f32(b, |bs| {
-                    let mut y = linear_with(xs, wm, (m, o, i));
-                    let t = linear(xs, as_, (m, r, i));
-                    let up = ((&t[..], r, 1), (bs, 1, r));
-                    scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
-                    Ok(y)
-                })
+        let mut y = match w {
+            Weight::Packed(p) => p.linear(xs, m),
+            Weight::Tensor(w) => with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?,
+        };
+        with_f32(a, |as_| {
+            with_f32(b, |bs| {
+                let t = linear(xs, as_, (m, r, i));
+                let up = ((&t[..], r, 1), (bs, 1, r));
+                scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
+                Ok(())
             })
-        })
+        })?;
+        Ok(y)
     })?;
     if let Some(bias) = bias {
         with_f32(bias, |bv| {
@@ -1776,7 +1788,7 @@ pub fn lora_backward(
     s: f64,
     need_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let (m, i, o, r) = lora_dims(x, w, a, b)?;
+    let (m, i, o, r) = lora_dims(x, w.dims2()?, a, b)?;
     if g.dims() != [m, o] {
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }

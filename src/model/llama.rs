@@ -147,13 +147,11 @@ impl Llama {
         &self.layers
     }
 
-    /// The frozen tensors outside the projections: embedding, norms and (untied) LM head.
+    /// The frozen tensors outside the projections: embedding, norms and an untied LM head
+    /// (unless packed for inference, when it is no tensor).
     pub fn frozen_tensors(&self) -> Vec<&Tensor> {
-        let mut out = vec![
-            &self.embed_tokens,
-            self.norm.weight(),
-            self.lm_head.weight(),
-        ];
+        let mut out = vec![&self.embed_tokens, self.norm.weight()];
+        out.extend(self.lm_head.weight());
         for l in &self.layers {
             out.push(l.input_layernorm.weight());
             out.push(l.post_attention_layernorm.weight());
@@ -162,11 +160,24 @@ impl Llama {
     }
 
     /// Sets the model up for inference: every frozen projection, and an untied LM head,
-    /// stores its weight transposed ([`FrozenLinear::store_transposed`]), which speeds up
+    /// stores its weight as the forward reads it fastest
+    /// ([`FrozenLinear::store_for_inference`]: packed, or transposed), which speeds up
     /// the forward on the CPU in f32 at the same memory. A model set up this way still
     /// trains, with slower backward products, so the train stage does not call it. A
     /// tied LM head keeps the embedding's layout (a transposed copy would be a second
     /// embedding in memory).
+    pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
+        for l in self.linears_mut() {
+            l.store_for_inference()?;
+        }
+        if !self.cfg.tie_word_embeddings {
+            self.lm_head.store_for_inference()?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::store_for_inference`] never packing (every weight transposed, as on CPUs
+    /// without the packed product): for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
         for l in self.linears_mut() {
             l.store_transposed()?;

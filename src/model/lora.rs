@@ -100,8 +100,13 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// Re-stores the frozen base weight transposed, for inference:
-    /// [`FrozenLinear::store_transposed`].
+    /// Re-stores the frozen base weight for inference:
+    /// [`FrozenLinear::store_for_inference`].
+    pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
+        self.base.store_for_inference()
+    }
+
+    /// The same never packing: [`FrozenLinear::store_transposed`].
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
         self.base.store_transposed()
     }
@@ -180,7 +185,7 @@ impl ModuleT for LoraLinear {
             return self.base.forward(x);
         };
         if !(train && l.dropout > 0.0) {
-            let (w, bias) = (self.base.weight(), self.base.bias());
+            let (w, bias) = (self.base.stored(), self.base.bias());
             if let Some(y) = super::fused::lora_linear(x, w, bias, &l.a, &l.b, l.scale)? {
                 return Ok(y);
             }

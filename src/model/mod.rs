@@ -23,6 +23,7 @@ pub mod loss;
 pub mod mask;
 pub mod mlp;
 pub mod norm;
+pub mod packed;
 pub mod rope;
 pub mod sampling;
 #[cfg(test)]

@@ -31,8 +31,9 @@ pub fn run(cfg: &EvalConfig, ctx: &StageContext<'_>) -> Result<(), StageError> {
     let rows = read_rows(&ctx.workspace.join(&cfg.data)).map_err(failed)?;
     let base_dir = ctx.workspace.join(&cfg.base_model);
     let mut base = load_model(&base_dir, dtype, &device).map_err(|e| failed(e.to_string()))?;
-    // Inference only: the weights' transposed layout speeds up the CPU forward.
-    base.store_transposed().map_err(|e| failed(e.to_string()))?;
+    // Inference only: the weights packed (or transposed) speed up the CPU forward.
+    base.store_for_inference()
+        .map_err(|e| failed(e.to_string()))?;
     let adapted = match &cfg.adapter {
         Some(dir) => {
             let adapter = formats::read_adapter(&ctx.workspace.join(dir))
