@@ -48,16 +48,25 @@ const MC: usize = 120;
 const MIN_PANELS: usize = 4;
 
 /// One 64-byte row of a panel: the [`NR`] output features at one input feature.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Row([f32; NR]);
 
 /// A frozen f32 weight `[out, in]` in panels of [`NR`] output features (module docs).
-#[derive(Debug)]
 pub struct PackedWeight {
     rows: Vec<Row>,
     out: usize,
     inp: usize,
+}
+
+/// Its shape only (a model's `Debug` would otherwise print every weight).
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("out", &self.out)
+            .field("in", &self.inp)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PackedWeight {
@@ -408,6 +417,12 @@ mod tests {
         // Empty shapes pack and multiply to empty or zero outputs.
         let e = PackedWeight::pack(&matrix(4, 0, 6)).unwrap();
         assert_eq!(e.linear(&[], 3), vec![0.0; 12]);
+    }
+
+    #[test]
+    fn debug_prints_the_shape_not_the_weights() {
+        let p = PackedWeight::pack(&matrix(40, 30, 8)).unwrap();
+        assert_eq!(format!("{p:?}"), "PackedWeight { out: 40, in: 30, .. }");
     }
 
     #[test]
