@@ -15,10 +15,11 @@
 //! Results do not depend on the instruction set: the inner loops use plain IEEE
 //! additions and multiplications (Rust never fuses them into FMAs on its own), fused
 //! multiply-adds only where written (`mul_add`, rounded once on every CPU), and every
-//! row sum runs over the same [`LANES`] partial sums reduced in the same order. (The matrix products are
-//! gemm's, whose blocking follows the cache sizes and the thread count: a CPU run
-//! reproduces bit for bit on one machine with one thread count, which is what the resume
-//! test checks.)
+//! row sum runs over the same [`LANES`] partial sums reduced in the same order. (The
+//! matrix products are gemm's, whose blocking follows the cache sizes and the thread
+//! count: a CPU run reproduces bit for bit on one machine with one thread count, which is
+//! what the resume test checks; a weight packed for inference goes through
+//! [`super::packed`], whose sums do not depend on the thread count.)
 
 use std::mem::MaybeUninit;
 
@@ -1271,10 +1272,9 @@ pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Ve
 
 /// A 2-D f32 matrix as stored: element `(i, j)` at `i * rs + j * cs` of `data`. A frozen
 /// weight `[out, in]` is row-major as loaded, or column-major when the model was set up
-/// for inference ([`crate::model::frozen::FrozenLinear::store_for_inference`], where the
-/// weights are not packed): the layout
-/// the forward's product wants (gemm reads it unpacked for up to 48 rows, and packs it
-/// with contiguous reads above that).
+/// for inference ([`crate::model::frozen::FrozenLinear::store_for_inference`] where the
+/// weights are not packed): the layout the forward's product wants (gemm reads it
+/// unpacked for up to 48 rows, and packs it with contiguous reads above that).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     data: &'a [f32],
