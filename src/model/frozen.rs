@@ -97,7 +97,7 @@ impl FrozenLinear {
 
     /// [`Self::store_for_inference`], packed only when `pack` (and the CPU has the
     /// packed product's instructions or runs its scalar path: the tests take both).
-    fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
+    pub(crate) fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
         let Weight::Tensor(w) = &self.weight else {
             return Ok(());
         };

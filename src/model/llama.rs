@@ -167,23 +167,22 @@ impl Llama {
     /// tied LM head keeps the embedding's layout (a transposed copy would be a second
     /// embedding in memory).
     pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
-        for l in self.linears_mut() {
-            l.store_for_inference()?;
-        }
-        if !self.cfg.tie_word_embeddings {
-            self.lm_head.store_for_inference()?;
-        }
-        Ok(())
+        self.store_as(super::packed::packing_pays())
     }
 
     /// [`Self::store_for_inference`] never packing (every weight transposed, as on CPUs
     /// without the packed product): for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
+        self.store_as(false)
+    }
+
+    /// Every frozen projection and an untied LM head, packed when `pack`.
+    fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
         for l in self.linears_mut() {
-            l.store_transposed()?;
+            l.base_mut().store_as(pack)?;
         }
         if !self.cfg.tie_word_embeddings {
-            self.lm_head.store_transposed()?;
+            self.lm_head.store_as(pack)?;
         }
         Ok(())
     }

@@ -149,6 +149,11 @@ impl LoraLinear {
         &self.base
     }
 
+    /// The frozen base, to re-store its weight ([`crate::model::Llama`]'s set-ups).
+    pub(crate) fn base_mut(&mut self) -> &mut FrozenLinear {
+        &mut self.base
+    }
+
     pub fn lora(&self) -> Option<&LoraBranch> {
         self.lora.as_ref()
     }
