@@ -1238,17 +1238,18 @@ const COLUMN_BLOCK: usize = 64;
 /// Rows a thread's block of [`matmul_new`] has at least, when it splits by rows.
 const ROW_BLOCK: usize = 64;
 
-/// A pointer the column blocks of [`matmul_new`] share; each writes its own columns.
+/// An output buffer the blocks of a product share ([`matmul_new`],
+/// [`super::packed::PackedWeight::linear`]); each writes its own rows or columns.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-// SAFETY: used only to hand disjoint column blocks of one buffer to rayon's threads.
+// SAFETY: used only to hand disjoint blocks of one buffer to rayon's threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -26,7 +26,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::fused_cpu::with_matrix;
+use super::fused_cpu::{with_matrix, SendPtr};
 
 /// Output features a panel holds: two AVX2 registers of f32.
 pub const NR: usize = 16;
@@ -135,7 +135,7 @@ impl PackedWeight {
         let per = panels.div_ceil(threads);
         let simd = simd_available();
         let mut y = Vec::<f32>::with_capacity(m * n);
-        let out = OutPtr(y.as_mut_ptr());
+        let out = SendPtr(y.as_mut_ptr());
         (0..panels)
             .step_by(per)
             .collect::<Vec<_>>()
@@ -162,7 +162,7 @@ impl PackedWeight {
         x: &[f32],
         m: usize,
         range: std::ops::Range<usize>,
-        y: OutPtr,
+        y: SendPtr,
         simd: bool,
     ) {
         let (n, k) = (self.out, self.inp);
@@ -184,7 +184,7 @@ impl PackedWeight {
                     while i < end {
                         let r = MR.min(end - i);
                         let xs = x.as_ptr().add(i * k + kb);
-                        let c = y.0.add(i * n + p * NR);
+                        let c = y.get().add(i * n + p * NR);
                         t.run(r, xs, c, simd);
                         i += r;
                     }
@@ -296,14 +296,6 @@ mod avx2 {
     }
 }
 
-/// The output buffer, shared by the threads; each writes its own panels' columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: used only to hand disjoint column blocks of one buffer to rayon's threads.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// Whether this CPU runs the AVX2 + FMA micro-kernel.
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -353,7 +345,7 @@ mod tests {
     fn scalar_linear(p: &PackedWeight, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = p.dims();
         let mut y = vec![f32::NAN; m * n];
-        let out = OutPtr(y.as_mut_ptr());
+        let out = SendPtr(y.as_mut_ptr());
         // SAFETY: as in `linear`, one thread over every panel.
         unsafe { p.run_panels(x, m, 0..n.div_ceil(NR), out, false) };
         assert!(
