@@ -371,10 +371,12 @@ mod tests {
         auto.store_for_inference().unwrap();
         let packed = matches!(auto.stored(), Weight::Packed(_));
         assert_eq!(packed, super::super::packed::packing_pays());
-        // Other dtypes keep their layout.
-        let mut f64s = FrozenLinear::new(rand(&[5, 7]), None);
-        f64s.store_for_inference().unwrap();
-        assert_eq!(f64s.weight().unwrap().layout().stride(), [7, 1]);
+        // Other dtypes keep their layout, packing asked for or not.
+        for pack in [true, false] {
+            let mut f64s = FrozenLinear::new(rand(&[5, 7]), None);
+            f64s.store_as(pack).unwrap();
+            assert_eq!(f64s.weight().unwrap().layout().stride(), [7, 1]);
+        }
     }
 
     #[test]

@@ -16,12 +16,12 @@
 //! blocks of 2048 features, each block's sum added to the output in order), whatever the thread
 //! count or the number of rows: results reproduce bit for bit across thread counts, and
 //! the scalar path (`mul_add`, the same order) gives the same bits as the AVX2 one
-//! (`simd_and_scalar_paths_agree_to_the_bit`).
+//! (`simd_and_scalar_paths_agree_to_the_bit_at_every_thread_count`).
 //!
 //! Packed only where that was measured to pay: x86-64 with AVX2 and FMA and without
 //! AVX-512 (where gemm's AVX-512 kernels do twice the work an instruction; no AVX-512
-//! kernel here yet). Elsewhere [`PackedWeight::new`] returns `None` and the weight keeps
-//! the transposed layout gemm reads ([`crate::model::frozen::FrozenLinear`]).
+//! kernel here yet; [`packing_pays`]). Elsewhere the weight keeps the transposed layout
+//! gemm reads ([`crate::model::frozen::FrozenLinear::store_for_inference`] decides).
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -70,18 +70,13 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs the 2-D f32 CPU weight `w` `[out, in]` (any strides), or `None` where the
-    /// packed product does not serve: other devices or dtypes, or a CPU where it was not
-    /// measured to pay (module docs).
-    pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        if !packing_pays() || !w.device().is_cpu() || w.dtype() != DType::F32 {
-            return Ok(None);
+    /// Packs the 2-D f32 CPU weight `w` `[out, in]` (any strides). Whatever the CPU:
+    /// without AVX2 + FMA the product takes the scalar path (the tests use it), and
+    /// whether packing pays here is [`packing_pays`]'s to say.
+    pub fn pack(w: &Tensor) -> Result<Self> {
+        if !w.device().is_cpu() || w.dtype() != DType::F32 {
+            candle_core::bail!("packed weight: f32 on the CPU only, not {:?}", w.dtype())
         }
-        Self::pack(w).map(Some)
-    }
-
-    /// Packs `w` whatever the CPU (the tests run the scalar path with it).
-    pub(crate) fn pack(w: &Tensor) -> Result<Self> {
         let (out, inp) = w.dims2()?;
         let panels = out.div_ceil(NR);
         let mut rows = vec![Row([0.0; NR]); panels * inp];
@@ -420,6 +415,7 @@ mod tests {
     #[test]
     fn only_f32_cpu_weights_are_packed() {
         let w = matrix(8, 8, 7).to_dtype(DType::BF16).unwrap();
-        assert!(PackedWeight::new(&w).unwrap().is_none());
+        let err = PackedWeight::pack(&w).unwrap_err().to_string();
+        assert!(err.contains("f32 on the CPU only"), "{err}");
     }
 }
