@@ -1735,8 +1735,10 @@ fn lora_dims(
     Ok((m, i, o, r))
 }
 
-/// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: the base product, then the
-/// low-rank update added into it by the second product, with no pass of its own.
+/// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, one
+/// pass over the output ([`super::packed::PackedWeight::lora_linear`]); otherwise the
+/// base product, then the low-rank update added into it by the second product, with no
+/// pass of its own.
 pub fn lora_forward(
     x: &Tensor,
     w: &Weight,
@@ -1748,19 +1750,19 @@ pub fn lora_forward(
     let (m, i, o, r) = lora_dims(x, w.dims()?, a, b)?;
     let threads = rayon::current_num_threads();
     let mut y = with_f32(x, |xs| {
-        let mut y = match w {
-            Weight::Packed(p) => p.linear(xs, m),
-            Weight::Tensor(w) => with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?,
-        };
         with_f32(a, |as_| {
             with_f32(b, |bs| {
+                let w = match w {
+                    Weight::Packed(p) => return Ok(p.lora_linear(xs, m, as_, bs, r, s as f32)),
+                    Weight::Tensor(w) => w,
+                };
+                let mut y = with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?;
                 let t = linear(xs, as_, (m, r, i));
                 let up = ((&t[..], r, 1), (bs, 1, r));
                 scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
-                Ok(())
+                Ok(y)
             })
-        })?;
-        Ok(y)
+        })
     })?;
     if let Some(bias) = bias {
         with_f32(bias, |bv| {

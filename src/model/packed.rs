@@ -23,6 +23,8 @@
 //! kernel here yet; [`packing_pays`]). Elsewhere the weight keeps the transposed layout
 //! gemm reads ([`crate::model::frozen::FrozenLinear::store_for_inference`] decides).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -41,8 +43,10 @@ const MR: usize = 6;
 const KC: usize = 2048;
 
 /// Rows of the input a block takes: all its panels are run over these rows before the
-/// next rows, so the rows (at most 120 x 2048 x 4 bytes) stay in the L2 cache.
+/// next rows, so the rows (at most 120 x 2048 x 4 bytes, 960 KB) stay in a 1 MB L2
+/// cache. A multiple of [`MR`], so blocks start on whole tiles of the packed rows.
 const MC: usize = 120;
+const _: () = assert!(MC % MR == 0);
 
 /// Panels a thread takes at least.
 const MIN_PANELS: usize = 4;
@@ -78,21 +82,26 @@ impl PackedWeight {
             candle_core::bail!("packed weight: f32 on the CPU only, not {:?}", w.dtype())
         }
         let (out, inp) = w.dims2()?;
+        with_matrix(w, |m| Ok(Self::from_fn(out, inp, |o, i| m.at(o, i))))
+    }
+
+    /// The weight `[out, in]` whose element `(o, i)` is `at(o, i)`.
+    fn from_fn(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = out.div_ceil(NR);
         let mut rows = vec![Row([0.0; NR]); panels * inp];
-        with_matrix(w, |m| {
-            rows.par_chunks_mut(inp.max(1))
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for j in 0..NR.min(out - p * NR) {
-                        for (i, row) in panel.iter_mut().enumerate() {
-                            row.0[j] = m.at(p * NR + j, i);
-                        }
-                    }
-                });
-            Ok(())
-        })?;
-        Ok(Self { rows, out, inp })
+        let pack = |(p, panel): (usize, &mut [Row])| {
+            for j in 0..NR.min(out - p * NR) {
+                for (i, row) in panel.iter_mut().enumerate() {
+                    row.0[j] = at(p * NR + j, i);
+                }
+            }
+        };
+        if out * inp >= PARALLEL_PACK {
+            rows.par_chunks_mut(inp.max(1)).enumerate().for_each(pack);
+        } else {
+            rows.chunks_mut(inp.max(1)).enumerate().for_each(pack);
+        }
+        Self { rows, out, inp }
     }
 
     /// `(out, in)`, as the weight's `dims2`.
@@ -112,15 +121,76 @@ impl PackedWeight {
         Tensor::from_vec(w, (out, inp), device)
     }
 
-    /// `x W^T` for `x` `[m, in]` row-major: `[m, out]`, on rayon's threads (blocks of
-    /// panels, one a thread).
+    /// `x W^T` for `x` `[m, in]` row-major: `[m, out]`, on rayon's threads (the rows
+    /// packed first, [`pack_rows`]).
     pub fn linear(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.out, self.inp);
+        let k = self.inp;
         assert!(
             x.len() >= m * k,
             "packed linear: input shorter than {m} x {k}"
         );
-        if m == 0 || n == 0 || k == 0 {
+        self.product(&pack_rows(&x[..m * k], m, k), m, None, simd_available())
+    }
+
+    /// `x W^T + s (x A^T) B^T` for `x` `[m, in]`, `a` `[r, in]` and `b` `[out, r]`, all
+    /// row-major: a LoRA linear's forward in one pass over the output. The rows are
+    /// packed once for both products with them; the low-rank product `s x A^T` runs on
+    /// the packed product too (A packed at each call, `r x in`, small), and its `r`
+    /// features continue each output's chain of multiply-adds after the input's, with
+    /// B packed at each call as a second weight: no product of its own over the output
+    /// and no second pass over it.
+    pub fn lora_linear(
+        &self,
+        x: &[f32],
+        m: usize,
+        a: &[f32],
+        b: &[f32],
+        r: usize,
+        s: f32,
+    ) -> Vec<f32> {
+        self.lora_with(x, m, (a, b, r, s), simd_available())
+    }
+
+    /// [`Self::lora_linear`] on the AVX2 path or the scalar one.
+    fn lora_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        (a, b, r, s): (&[f32], &[f32], usize, f32),
+        simd: bool,
+    ) -> Vec<f32> {
+        let (n, k) = (self.out, self.inp);
+        assert!(
+            x.len() >= m * k && a.len() >= r * k && b.len() >= n * r,
+            "packed lora linear: x, A or B shorter than {m} x {k}, {r} x {k}, {n} x {r}"
+        );
+        let xp = pack_rows(&x[..m * k], m, k);
+        let down = Self::from_fn(r, k, |j, i| a[j * k + i]);
+        let mut t = down.product(&xp, m, None, simd);
+        t.iter_mut().for_each(|v| *v *= s);
+        let up = Self::from_fn(n, r, |o, j| b[o * r + j]);
+        self.product(&xp, m, Some((&up, &pack_rows(&t, m, r))), simd)
+    }
+
+    /// The product over rows packed by [`pack_rows`], and `low`'s (a weight `[out, r]`
+    /// and its `r` input features packed) after them in every output's sum. Work items
+    /// are a block of panels (at least [`MIN_PANELS`], one a thread at most) times a
+    /// block of [`MC`] rows, so a weight of one panel still spreads over the threads.
+    fn product(
+        &self,
+        xp: &[f32],
+        m: usize,
+        low: Option<(&PackedWeight, &[f32])>,
+        simd: bool,
+    ) -> Vec<f32> {
+        let (n, k) = (self.out, self.inp);
+        if let Some((w2, x2)) = low {
+            assert!(
+                w2.out == n && x2.len() == m * w2.inp,
+                "packed: low-rank shapes"
+            );
+        }
+        if m == 0 || n == 0 || (k == 0 && low.is_none()) {
             return vec![0.0; m * n];
         }
         let panels = n.div_ceil(NR);
@@ -128,78 +198,120 @@ impl PackedWeight {
             .min(panels.div_ceil(MIN_PANELS))
             .max(1);
         let per = panels.div_ceil(threads);
-        let simd = simd_available();
         let mut y = Vec::<f32>::with_capacity(m * n);
         let out = SendPtr(y.as_mut_ptr());
-        (0..panels)
+        let items: Vec<_> = (0..panels)
             .step_by(per)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .for_each(|p0| {
-                // SAFETY: `x` holds m x k elements (asserted), `y` has room for m x n,
-                // and the blocks write disjoint panels (columns).
-                unsafe { self.run_panels(x, m, p0..(p0 + per).min(panels), out, simd) }
-            });
-        // SAFETY: the first input block (kb = 0) wrote every element of every panel's
-        // columns for every row, and the blocks cover all panels.
+            .flat_map(|p0| (0..m).step_by(MC).map(move |i0| (p0, i0)))
+            .collect();
+        items.into_par_iter().for_each(|(p0, i0)| {
+            let (panels, rows) = (p0..(p0 + per).min(panels), i0..(i0 + MC).min(m));
+            // SAFETY: `xp` (and `low`'s rows) hold m rows packed (asserted above and by
+            // the callers), `y` has room for m x n, and the items write disjoint blocks.
+            unsafe { self.run_block(xp, low, panels, rows, out, simd) }
+        });
+        // SAFETY: every item's first input block wrote every element of its panels'
+        // columns for its rows, and the items cover all panels and rows.
         unsafe { y.set_len(m * n) };
         y
     }
 
-    /// Panels `range` of the product into `y`.
+    /// Panels `panels` of rows `rows` (a block starting on a tile) of the product into
+    /// `y`, `low`'s features (when given) after the input's.
     ///
     /// # Safety
     ///
-    /// `x` holds `m` rows of `in` features, `y` has room for `m x out`, and no other
-    /// thread writes these panels' columns.
-    unsafe fn run_panels(
+    /// `xp` is rows of `in` features packed by [`pack_rows`] (and `low`'s of its `r`),
+    /// at least up to `rows.end`; `y` has room for them times `out`; and no other thread
+    /// writes these elements.
+    unsafe fn run_block(
         &self,
-        x: &[f32],
-        m: usize,
-        range: std::ops::Range<usize>,
+        xp: &[f32],
+        low: Option<(&PackedWeight, &[f32])>,
+        panels: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
         y: SendPtr,
         simd: bool,
     ) {
         let (n, k) = (self.out, self.inp);
-        for kb in (0..k).step_by(KC) {
+        let blocks = k.div_ceil(KC).max(1);
+        for (bi, kb) in (0..blocks).map(|bi| (bi, bi * KC)) {
             let kc = KC.min(k - kb);
-            for ib in (0..m).step_by(MC) {
-                let end = (ib + MC).min(m);
-                for p in range.clone() {
-                    let w = self.rows.as_ptr().add(p * k + kb).cast::<f32>();
-                    let t = Tile {
-                        kc,
-                        x_rs: k,
-                        w,
-                        c_rs: n,
-                        cols: NR.min(n - p * NR),
-                        accumulate: kb > 0,
-                    };
-                    let mut i = ib;
-                    while i < end {
-                        let r = MR.min(end - i);
-                        let xs = x.as_ptr().add(i * k + kb);
-                        let c = y.get().add(i * n + p * NR);
-                        t.run(r, xs, c, simd);
-                        i += r;
+            for p in panels.clone() {
+                let mut t = Tile {
+                    kc,
+                    w: self.rows.as_ptr().add(p * k + kb).cast::<f32>(),
+                    c_rs: n,
+                    cols: NR.min(n - p * NR),
+                    accumulate: bi > 0,
+                    low: None,
+                };
+                let mut i = rows.start;
+                while i < rows.end {
+                    let r = MR.min(rows.end - i);
+                    if let Some((w2, x2)) = low.filter(|_| bi + 1 == blocks) {
+                        let k2 = w2.inp;
+                        let w = w2.rows.as_ptr().add(p * k2).cast::<f32>();
+                        t.low = Some((k2, w, x2.as_ptr().add(i * k2)));
                     }
+                    // The tile of rows i.. starts at i * k (the tiles before it are
+                    // full) and holds its r rows at each feature.
+                    let xs = xp.as_ptr().add(i * k + kb * r);
+                    let c = y.get().add(i * n + p * NR);
+                    t.run(r, xs, c, simd);
+                    i += r;
                 }
             }
         }
     }
 }
 
-/// One micro-kernel call's fixed arguments: `kc` input features, the input's row stride,
-/// the panel's rows from the block's first feature, the output's row stride, the
-/// panel's real columns, and whether the sums add to the output or replace it.
+/// The rows of `x` `[m, k]` in tiles of [`MR`] rows (120-row blocks are whole tiles, so
+/// the micro-kernel's tiles are these): tile `t` at `t * MR * k`, its `r` rows
+/// interleaved feature by feature (`x[MR t + j][f]` at `t * MR * k + f * r + j`), so the
+/// micro-kernel reads one stream instead of `r` rows a row's length apart. The same
+/// size as `x`, written once a product and read once for each panel.
+fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    if m * k == 0 {
+        return Vec::new();
+    }
+    let mut xp = Vec::with_capacity(m * k);
+    let pack = |(t, dst): (usize, &mut [MaybeUninit<f32>])| {
+        let r = dst.len() / k;
+        for (j, row) in x[t * MR * k..][..r * k].chunks_exact(k).enumerate() {
+            for (f, &v) in row.iter().enumerate() {
+                dst[f * r + j].write(v);
+            }
+        }
+    };
+    let spare = &mut xp.spare_capacity_mut()[..m * k];
+    if m * k >= PARALLEL_PACK {
+        spare.par_chunks_mut(MR * k).enumerate().for_each(pack);
+    } else {
+        spare.chunks_mut(MR * k).enumerate().for_each(pack);
+    }
+    // SAFETY: the chunks cover all m x k elements, and each tile of r rows writes its
+    // r x k elements (j < r, f < k: every index f * r + j once).
+    unsafe { xp.set_len(m * k) };
+    xp
+}
+
+/// Elements of an input from which [`pack_rows`] runs on rayon's threads.
+const PARALLEL_PACK: usize = 1 << 16;
+
+/// One micro-kernel call's fixed arguments: `kc` input features, the panel's rows from
+/// the block's first feature, the output's row stride, the panel's real columns, and
+/// whether the sums add to the output or replace it; and a second input and weight
+/// whose features continue the sums (`(features, panel rows, packed rows)`, the
+/// low-rank update of [`PackedWeight::lora_linear`]).
 #[derive(Clone, Copy)]
 struct Tile {
     kc: usize,
-    x_rs: usize,
     w: *const f32,
     c_rs: usize,
     cols: usize,
     accumulate: bool,
+    low: Option<(usize, *const f32, *const f32)>,
 }
 
 impl Tile {
@@ -207,7 +319,8 @@ impl Tile {
     ///
     /// # Safety
     ///
-    /// `x` has `r` rows of `kc` features at stride `x_rs`, `w` has `kc` panel rows, and
+    /// `x` has `kc` features of `r` rows each, interleaved ([`pack_rows`]), `w` has `kc`
+    /// panel rows, and
     /// `c` has `r` rows of `cols` elements at stride `c_rs`, which no one else touches
     /// (initialised when `accumulate`).
     unsafe fn run(self, r: usize, x: *const f32, c: *mut f32, simd: bool) {
@@ -236,7 +349,12 @@ impl Tile {
             for j in 0..self.cols {
                 let mut s = 0f32;
                 for kk in 0..self.kc {
-                    s = (*x.add(i * self.x_rs + kk)).mul_add(*self.w.add(kk * NR + j), s);
+                    s = (*x.add(kk * r + i)).mul_add(*self.w.add(kk * NR + j), s);
+                }
+                if let Some((k2, w2, x2)) = self.low {
+                    for kk in 0..k2 {
+                        s = (*x2.add(kk * r + i)).mul_add(*w2.add(kk * NR + j), s);
+                    }
                 }
                 let cp = c.add(i * self.c_rs + j);
                 *cp = if self.accumulate { *cp + s } else { s };
@@ -256,17 +374,36 @@ mod avx2 {
     /// # Safety
     ///
     /// As [`Tile::run`], and the CPU has AVX2 and FMA.
+    /// `kc` features of `R` packed rows `x` times panel rows `w`, into `acc`.
+    ///
+    /// # Safety
+    ///
+    /// `x` holds `kc x R` elements, `w` `kc` panel rows, and the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const R: usize>(t: Tile, x: *const f32, c: *mut f32) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for kk in 0..t.kc {
-            let w0 = _mm256_load_ps(t.w.add(kk * NR));
-            let w1 = _mm256_load_ps(t.w.add(kk * NR + 8));
+    #[inline]
+    unsafe fn chain<const R: usize>(
+        acc: &mut [[__m256; 2]; R],
+        kc: usize,
+        x: *const f32,
+        w: *const f32,
+    ) {
+        for kk in 0..kc {
+            let w0 = _mm256_load_ps(w.add(kk * NR));
+            let w1 = _mm256_load_ps(w.add(kk * NR + 8));
             for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_broadcast_ss(&*x.add(r * t.x_rs + kk));
+                let xv = _mm256_broadcast_ss(&*x.add(kk * R + r));
                 a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize>(t: Tile, x: *const f32, c: *mut f32) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        chain::<R>(&mut acc, t.kc, x, t.w);
+        if let Some((k2, w2, x2)) = t.low {
+            chain::<R>(&mut acc, k2, x2, w2);
         }
         for (r, a) in acc.iter().enumerate() {
             let cp = c.add(r * t.c_rs);
@@ -338,16 +475,7 @@ mod tests {
 
     /// The packed product with the scalar path forced.
     fn scalar_linear(p: &PackedWeight, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = p.dims();
-        let mut y = vec![f32::NAN; m * n];
-        let out = SendPtr(y.as_mut_ptr());
-        // SAFETY: as in `linear`, one thread over every panel.
-        unsafe { p.run_panels(x, m, 0..n.div_ceil(NR), out, false) };
-        assert!(
-            k == 0 || y.iter().all(|v| !v.is_nan()),
-            "an element not written"
-        );
-        y
+        p.product(&pack_rows(x, m, p.inp), m, None, false)
     }
 
     #[test]
@@ -393,6 +521,52 @@ mod tests {
                 .zip(&scalar)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{threads} threads differ from the scalar path");
+        }
+    }
+
+    #[test]
+    fn the_fused_lora_product_matches_its_three_products() {
+        // Ranks under, at and over a panel; inputs past one block of 2048 (the low-rank
+        // features then follow the last block only); rows past a block of 120.
+        for &(m, n, k, r) in &[
+            (1, 16, 8, 1),
+            (7, 33, 130, 3),
+            (121, 40, 64, 16),
+            (13, 20, 2100, 20),
+        ] {
+            let (x, w) = (matrix(m, k, 11), matrix(n, k, 12));
+            let (a, b) = (matrix(r, k, 13), matrix(n, r, 14));
+            let s = 1.5f32;
+            let t = x.matmul(&a.t().unwrap()).unwrap();
+            let low = (t.matmul(&b.t().unwrap()).unwrap() * s as f64).unwrap();
+            let want = flat(&(x.matmul(&w.t().unwrap()).unwrap() + low).unwrap());
+            let p = PackedWeight::pack(&w).unwrap();
+            let (xs, as_, bs) = (flat(&x), flat(&a), flat(&b));
+            let got = p.lora_linear(&xs, m, &as_, &bs, r, s);
+            let tol = 1e-6 * ((k + r) as f32).sqrt() * 8.0;
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= tol,
+                    "{m}x{n}x{k} r{r} [{i}]: {g} against {e}"
+                );
+            }
+            // The same bits on the scalar path and at any thread count.
+            let scalar = p.lora_with(&xs, m, (&as_, &bs, r, s), false);
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| p.lora_linear(&xs, m, &as_, &bs, r, s));
+                let same = got
+                    .iter()
+                    .zip(&scalar)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{m}x{n}x{k} r{r}: {threads} threads differ from scalar"
+                );
+            }
         }
     }
 
