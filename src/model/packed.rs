@@ -46,7 +46,7 @@ const KC: usize = 2048;
 /// next rows, so the rows (at most 120 x 2048 x 4 bytes, 960 KB) stay in a 1 MB L2
 /// cache. A multiple of [`MR`], so blocks start on whole tiles of the packed rows.
 const MC: usize = 120;
-const _: () = assert!(MC % MR == 0);
+const _: () = assert!(MC.is_multiple_of(MR));
 
 /// Panels a thread takes at least.
 const MIN_PANELS: usize = 4;
