@@ -19,6 +19,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use taper::model::frozen::FrozenLinear;
 use taper::model::lora::{LoraBranch, LoraLinear};
+use taper::model::{fused_cpu, packed};
 use taper::model::{generate, GenerateOptions};
 
 /// Fastest and median of `v`.
@@ -27,8 +28,16 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
     (v[0], v[v.len() / 2])
 }
 
-/// `pairs` pairs of calls, transposed then packed; prints the comparison.
+/// `pairs` pairs of calls, transposed then packed; prints the comparison. Skipped unless
+/// its name contains the filter (the first argument that is not a number), if one is
+/// given.
 fn ab(name: &str, pairs: usize, mut transposed: impl FnMut(), mut packed: impl FnMut()) {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| a.parse::<usize>().is_err() && !a.starts_with('-'));
+    if filter.is_some_and(|f| !name.contains(&f)) {
+        return;
+    }
     transposed();
     packed();
     let (mut ta, mut tb) = (vec![], vec![]);
@@ -152,5 +161,35 @@ fn main() {
                 std::hint::black_box(lp.forward_t(&x, false).unwrap());
             },
         );
+    }
+    // Training's products with a frozen weight as stored (row-major `[out, in]`): gemm,
+    // against the packed micro-kernel with the weight packed a panel at a time at the
+    // call. Forward `x W^T` and backward `g W` at the train bench's shapes (4 x 256
+    // rows, the bench Llama's projections and head) and the LoRA suite's d 2048.
+    for (m, o, i) in [
+        (1024, 512, 512),
+        (1024, 1408, 512),
+        (1024, 512, 1408),
+        (1024, 8192, 512),
+        (512, 2048, 2048),
+    ] {
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (x, w) = (
+            flat(util::randn(&[m, i.max(o)])),
+            flat(util::randn(&[o, i])),
+        );
+        let (fwd_w, bwd_w) = ((&w[..], 1, i), (&w[..], i, 1));
+        for (name, (n, k), b) in [("forward", (o, i), fwd_w), ("backward", (i, o), bwd_w)] {
+            ab(
+                &format!("train {name} {m}x{o}x{i}"),
+                pairs,
+                || {
+                    std::hint::black_box(fused_cpu::matmul_new((m, n, k), (&x, k, 1), b));
+                },
+                || {
+                    std::hint::black_box(packed::strided_product((m, n, k), &x, b, None));
+                },
+            );
+        }
     }
 }

@@ -311,7 +311,8 @@ mod tests {
 
     #[test]
     fn f32_on_the_cpu_matches_candles_matmul_value_and_gradient() {
-        // f32 on the CPU goes straight to gemm (`fused_cpu::linear`), forward and backward.
+        // f32 on the CPU goes straight to gemm or the packed micro-kernel
+        // (`fused_cpu::linear_with`), forward and backward.
         let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
         let w = f32s(rand(&[5, 7]));
         let b = f32s(rand(&[5]));
@@ -323,14 +324,36 @@ mod tests {
             .broadcast_add(&b)
             .unwrap();
         assert!(max_diff(&frozen.forward(&x2).unwrap(), &want) < 1e-5);
-        let x = Var::from_tensor(&f32s(rand(&[2, 3, 7]))).unwrap();
-        let dy = f32s(rand(&[2, 3, 5]));
-        let y = frozen.forward(x.as_tensor()).unwrap();
-        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let want = dy.broadcast_matmul(&w).unwrap();
-        let got = grads.get(x.as_tensor()).unwrap();
-        assert!(max_diff(got, &want) < 1e-5, "{}", max_diff(got, &want));
-        assert!(grads.get(&w).is_none());
+        // 6 rows of 7 (gemm), and 80 of 1,100 (forward) or 1,030 (backward), which pack
+        // the weight at the call where packing pays (`fused_cpu::packs_per_call`); the
+        // weight row-major and column-major.
+        for (rows, (o, i)) in [(3, (5, 7)), (40, (1030, 1100))] {
+            let w = f32s(rand(&[o, i]));
+            let w_t = w.t().unwrap().contiguous().unwrap().t().unwrap();
+            // Sums of about a thousand unit-variance products: f32 rounding, not errors.
+            let tol = 1e-5 * (o.max(i) as f64).sqrt() * 4.0;
+            for weight in [&w, &w_t] {
+                let frozen = FrozenLinear::new(weight.clone(), None);
+                let x = Var::from_tensor(&f32s(rand(&[2, rows, i]))).unwrap();
+                let dy = f32s(rand(&[2, rows, o]));
+                let y = frozen.forward(x.as_tensor()).unwrap();
+                let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                assert!(
+                    max_diff(&y, &want) < tol,
+                    "{rows}: {}",
+                    max_diff(&y, &want)
+                );
+                let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let want = dy.broadcast_matmul(&w).unwrap();
+                let got = grads.get(x.as_tensor()).unwrap();
+                assert!(
+                    max_diff(got, &want) < tol,
+                    "{rows}: {}",
+                    max_diff(got, &want)
+                );
+                assert!(grads.get(weight).is_none());
+            }
+        }
     }
 
     #[test]

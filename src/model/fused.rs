@@ -1247,12 +1247,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn lora_linear_matches_the_composed_layer_in_f32() {
-        // x [2, 9, 37] through a 37 -> 21 linear with bias and a rank-5 update.
-        let x = f32_var(&var(&[2, 9, 37], 51));
-        let (a, b) = (f32_var(&var(&[5, 37], 52)), f32_var(&var(&[21, 5], 53)));
-        let w = var(&[21, 37], 54)
+    /// [`lora_linear_matches_the_composed_layer_in_f32`] for x `[2, seq, inp]`.
+    fn lora_linear_matches_at(seq: usize, inp: usize) {
+        let x = f32_var(&var(&[2, seq, inp], 51));
+        let (a, b) = (f32_var(&var(&[5, inp], 52)), f32_var(&var(&[21, 5], 53)));
+        let w = var(&[21, inp], 54)
             .as_tensor()
             .to_dtype(DType::F32)
             .unwrap()
@@ -1279,7 +1278,7 @@ mod tests {
         let packed = Weight::Packed(std::sync::Arc::new(
             crate::model::packed::PackedWeight::pack(&w).unwrap(),
         ));
-        let dy = f32_var(&var(&[2, 9, 21], 56));
+        let dy = f32_var(&var(&[2, seq, 21], 56));
         for w_stored in [Weight::Tensor(w.clone()), Weight::Tensor(w_t), packed] {
             let ours = lora_linear(
                 x.as_tensor(),
@@ -1292,10 +1291,10 @@ mod tests {
             .unwrap()
             .expect("the CPU kernel serves f32");
             let want = composed(x.as_tensor());
-            assert_eq!(ours.dims(), [2, 9, 21]);
+            assert_eq!(ours.dims(), [2, seq, 21]);
             assert!(
                 rel_diff(&ours, &want) < 1e-6,
-                "lora linear {}",
+                "lora linear at [2, {seq}, {inp}]: {}",
                 rel_diff(&ours, &want)
             );
             let g1 = grads_of(&ours, dy.as_tensor(), &[&x, &a, &b]);
@@ -1303,11 +1302,29 @@ mod tests {
             for (name, (p, q)) in ["x", "A", "B"].iter().zip(g1.iter().zip(&g2)) {
                 assert!(
                     rel_diff(p, q) < 1e-5,
-                    "gradient of {name}: {}",
+                    "gradient of {name} at [2, {seq}, {inp}]: {}",
                     rel_diff(p, q)
                 );
             }
         }
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_layer_in_f32() {
+        // x [2, 9, 37] through a 37 -> 21 linear with bias and a rank-5 update; and
+        // [2, 30, 1030], whose weight as loaded (training's) is packed at the call where
+        // packing pays (`fused_cpu::packs_per_call`).
+        for (seq, inp) in [(9, 37), (30, 1030)] {
+            lora_linear_matches_at(seq, inp);
+        }
+        let x = f32_var(&var(&[2, 9, 37], 51));
+        let (a, b) = (f32_var(&var(&[5, 37], 52)), f32_var(&var(&[21, 5], 53)));
+        let w = var(&[21, 37], 54)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .detach();
+        let dy = f32_var(&var(&[2, 9, 21], 56));
         // An input that needs no gradient gets none (and costs no product).
         let xc = x.as_tensor().detach();
         let y = lora_linear(

@@ -27,6 +27,7 @@ use candle_core::{DType, Result, Storage, Tensor};
 
 use super::frozen::Weight;
 use super::mask::MASKED;
+use super::packed;
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 64 f32 lanes, four AVX-512 registers (eight AVX2
@@ -1239,7 +1240,7 @@ const COLUMN_BLOCK: usize = 64;
 const ROW_BLOCK: usize = 64;
 
 /// An output buffer the blocks of a product share ([`matmul_new`],
-/// [`super::packed::PackedWeight::linear`]); each writes its own rows or columns.
+/// [`packed::PackedWeight::linear`]); each writes its own rows or columns.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
 
@@ -1268,7 +1269,21 @@ pub fn linear(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32
 
 /// [`linear`] with the weight `[n, k]` as it is stored.
 pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    if packs_per_call(m, k) {
+        return packed::strided_product((m, n, k), x, w.transposed(), None);
+    }
     matmul_new((m, n, k), (x, k, 1), w.transposed())
+}
+
+/// Whether a product of `m` rows and `k` features with a weight as stored (training's,
+/// forward and backward) runs on the packed micro-kernel, the weight packed a panel at a
+/// time at the call ([`packed::strided_product`]), rather than on gemm: where packed
+/// weights pay ([`packed::packing_pays`]), from as many rows as gemm packs its operand
+/// for (48), and for 1,024 to 2,048 features, where it was measured to pay
+/// (`benches/packed_ab.rs`: 1.03-1.16x gemm at 512 x 2048 x 2048, parity at 1,408
+/// features; 0.91x at 512, 0.8x at 8,192, whose output takes several passes).
+fn packs_per_call(m: usize, k: usize) -> bool {
+    m >= 48 && (1024..=2048).contains(&k) && packed::packing_pays()
 }
 
 /// A 2-D f32 matrix as stored: element `(i, j)` at `i * rs + j * cs` of `data`. A frozen
@@ -1364,7 +1379,13 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let m = g.elem_count() / n.max(1);
     let dx = with_f32(g, |gs| {
-        with_matrix(w, |w| Ok(matmul_new((m, k, n), (gs, n, 1), w.operand())))
+        with_matrix(w, |w| {
+            Ok(if packs_per_call(m, n) {
+                packed::strided_product((m, k, n), gs, w.operand(), None)
+            } else {
+                matmul_new((m, k, n), (gs, n, 1), w.operand())
+            })
+        })
     })?;
     Tensor::from_vec(dx, shape, g.device())
 }
@@ -1735,8 +1756,9 @@ fn lora_dims(
     Ok((m, i, o, r))
 }
 
-/// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, one
-/// pass over the output ([`super::packed::PackedWeight::lora_linear`]); otherwise the
+/// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, or one
+/// packed at the call ([`packs_per_call`]), one pass over the output
+/// ([`packed::PackedWeight::lora_linear`], [`packed::strided_product`]); otherwise the
 /// base product, then the low-rank update added into it by the second product, with no
 /// pass of its own.
 pub fn lora_forward(
@@ -1756,8 +1778,16 @@ pub fn lora_forward(
                     Weight::Packed(p) => return Ok(p.lora_linear(xs, m, as_, bs, r, s as f32)),
                     Weight::Tensor(w) => w,
                 };
+                let mut t = linear(xs, as_, (m, r, i));
+                if packs_per_call(m, i) {
+                    // The low-rank update continues each output's sum (B^T as stored).
+                    t.iter_mut().for_each(|v| *v *= s as f32);
+                    let low = Some((&t[..], r, (bs, 1, r)));
+                    return with_matrix(w, |wm| {
+                        Ok(packed::strided_product((m, o, i), xs, wm.transposed(), low))
+                    });
+                }
                 let mut y = with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?;
-                let t = linear(xs, as_, (m, r, i));
                 let up = ((&t[..], r, 1), (bs, 1, r));
                 scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
                 Ok(y)
@@ -1805,6 +1835,12 @@ pub fn lora_backward(
                         let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
                         let t = linear(xs, as_, (m, r, i));
                         let dx = need_dx.then(|| {
+                            if packs_per_call(m, o) {
+                                // s (g B) A continues each sum (A as stored).
+                                let su: Vec<f32> = u.iter().map(|v| v * s).collect();
+                                let low = Some((&su[..], r, (as_, i, 1)));
+                                return packed::strided_product((m, i, o), gs, wm.operand(), low);
+                            }
                             let mut dx = matmul_new((m, i, o), (gs, o, 1), wm.operand());
                             let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
                             scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);

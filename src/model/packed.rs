@@ -208,7 +208,7 @@ impl PackedWeight {
             let (panels, rows) = (p0..(p0 + per).min(panels), i0..(i0 + MC).min(m));
             // SAFETY: `xp` (and `low`'s rows) hold m rows packed (asserted above and by
             // the callers), `y` has room for m x n, and the items write disjoint blocks.
-            unsafe { self.run_block(xp, low, panels, rows, out, simd) }
+            unsafe { self.run_block(xp, low, (0, panels), rows, (out, n), simd) }
         });
         // SAFETY: every item's first input block wrote every element of its panels'
         // columns for its rows, and the items cover all panels and rows.
@@ -224,13 +224,14 @@ impl PackedWeight {
     /// `xp` is rows of `in` features packed by [`pack_rows`] (and `low`'s of its `r`),
     /// at least up to `rows.end`; `y` has room for them times `out`; and no other thread
     /// writes these elements.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn run_block(
         &self,
         xp: &[f32],
         low: Option<(&PackedWeight, &[f32])>,
-        panels: std::ops::Range<usize>,
+        (first, panels): (usize, std::ops::Range<usize>),
         rows: std::ops::Range<usize>,
-        y: SendPtr,
+        (y, y_rs): (SendPtr, usize),
         simd: bool,
     ) {
         let (n, k) = (self.out, self.inp);
@@ -241,7 +242,7 @@ impl PackedWeight {
                 let mut t = Tile {
                     kc,
                     w: self.rows.as_ptr().add(p * k + kb).cast::<f32>(),
-                    c_rs: n,
+                    c_rs: y_rs,
                     cols: NR.min(n - p * NR),
                     accumulate: bi > 0,
                     low: None,
@@ -251,18 +252,101 @@ impl PackedWeight {
                     let r = MR.min(rows.end - i);
                     if let Some((w2, x2)) = low.filter(|_| bi + 1 == blocks) {
                         let k2 = w2.inp;
-                        let w = w2.rows.as_ptr().add(p * k2).cast::<f32>();
+                        let w = w2.rows.as_ptr().add((first + p) * k2).cast::<f32>();
                         t.low = Some((k2, w, x2.as_ptr().add(i * k2)));
                     }
                     // The tile of rows i.. starts at i * k (the tiles before it are
                     // full) and holds its r rows at each feature.
                     let xs = xp.as_ptr().add(i * k + kb * r);
-                    let c = y.get().add(i * n + p * NR);
+                    let c = y.get().add(i * y_rs + (first + p) * NR);
                     t.run(r, xs, c, simd);
                     i += r;
                 }
             }
         }
+    }
+}
+
+/// `x B (+ t U)` for `x` `[m, k]` row-major and `b` `[k, n]` as stored (`(data, row
+/// stride, column stride)`): the packed micro-kernel over a weight that is not packed
+/// (training's, forward `x W^T` and backward `g W`), one panel of `b` packed at a time
+/// into a buffer of the thread's, then run over all the rows. `low` is `(t, r, u)`:
+/// `t` `[m, r]` row-major, `u` `[r, n]` as stored, its `r` features continuing every
+/// output's sum. Each output is one chain of multiply-adds in feature order, so the
+/// result does not depend on the thread count.
+pub fn strided_product(
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    b: (&[f32], usize, usize),
+    low: Option<(&[f32], usize, (&[f32], usize, usize))>,
+) -> Vec<f32> {
+    assert!(
+        x.len() >= m * k && (k == 0 || n == 0 || (k - 1) * b.1 + (n - 1) * b.2 < b.0.len()),
+        "strided product: x or b shorter than {m} x {k}, {k} x {n}"
+    );
+    let simd = simd_available();
+    let xp = pack_rows(&x[..m * k], m, k);
+    let low = low.map(|(t, r, (u, rs, cs))| {
+        let up = PackedWeight::from_fn(n, r, |o, j| u[j * rs + o * cs]);
+        (up, pack_rows(&t[..m * r], m, r))
+    });
+    let low = low.as_ref().map(|(up, tp)| (up, &tp[..]));
+    if m == 0 || n == 0 || (k == 0 && low.is_none()) {
+        return vec![0.0; m * n];
+    }
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads()
+        .min(panels.div_ceil(MIN_PANELS))
+        .max(1);
+    let per = panels.div_ceil(threads);
+    let mut y = Vec::<f32>::with_capacity(m * n);
+    let out = SendPtr(y.as_mut_ptr());
+    let chunks: Vec<usize> = (0..panels).step_by(per).collect();
+    chunks.into_par_iter().for_each(|p0| {
+        let mut panel = PackedWeight {
+            rows: vec![Row([0.0; NR]); k],
+            out: NR,
+            inp: k,
+        };
+        for p in p0..(p0 + per).min(panels) {
+            panel.out = panel.fill_panel(b, p * NR..((p + 1) * NR).min(n));
+            // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
+            // m x n, and the chunks write disjoint columns.
+            unsafe { panel.run_block(&xp, low, (p, 0..1), 0..m, (out, n), simd) }
+        }
+    });
+    // SAFETY: every panel's first input block wrote all its columns for every row, and
+    // the chunks cover all panels.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+impl PackedWeight {
+    /// Overwrites this one-panel weight with columns `cols` (at most [`NR`]) of `b`
+    /// `[k, n]` as stored; returns their count. A row of the panel at a time when the
+    /// columns are contiguous, a column at a time down its length otherwise.
+    fn fill_panel(
+        &mut self,
+        (data, rs, cs): (&[f32], usize, usize),
+        cols: std::ops::Range<usize>,
+    ) -> usize {
+        let (width, c0) = (cols.len(), cols.start);
+        if width < NR {
+            self.rows.iter_mut().for_each(|row| row.0 = [0.0; NR]);
+        }
+        if cs == 1 {
+            for (i, row) in self.rows.iter_mut().enumerate() {
+                row.0[..width].copy_from_slice(&data[i * rs + c0..][..width]);
+            }
+        } else {
+            for j in 0..width {
+                let col = (c0 + j) * cs;
+                for (i, row) in self.rows.iter_mut().enumerate() {
+                    row.0[j] = data[col + i * rs];
+                }
+            }
+        }
+        width
     }
 }
 
@@ -565,6 +649,54 @@ mod tests {
                 assert!(
                     same,
                     "{m}x{n}x{k} r{r}: {threads} threads differ from scalar"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_packed_at_the_call_matches_candles_both_layouts_and_low_rank() {
+        // Panels split over threads, ragged columns, inputs past a block of 2048; the
+        // operand `b` row-major (backward's `g W`) and column-major (forward's `x W^T`),
+        // with and without the low-rank features.
+        for &(m, n, k, r) in &[
+            (1, 1, 1, 0),
+            (50, 33, 130, 3),
+            (121, 600, 70, 16),
+            (13, 40, 2100, 5),
+        ] {
+            let (x, b) = (matrix(m, k, 21), matrix(k, n, 22));
+            let (t, u) = (matrix(m, r, 23), matrix(r, n, 24));
+            let mut want = x.matmul(&b).unwrap();
+            if r > 0 {
+                want = (want + t.matmul(&u).unwrap()).unwrap();
+            }
+            let want = flat(&want);
+            let (xs, ts, bs, us) = (flat(&x), flat(&t), flat(&b), flat(&u));
+            let bt = flat(&b.t().unwrap().contiguous().unwrap());
+            let low = (r > 0).then_some((&ts[..], r, (&us[..], n, 1)));
+            let mut bits = None;
+            for (operand, threads) in [
+                ((&bs[..], n, 1), 1),
+                ((&bt[..], 1, k), 2),
+                ((&bs[..], n, 1), 7),
+            ] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| strided_product((m, n, k), &xs, operand, low));
+                let tol = 1e-6 * ((k + r) as f32).sqrt() * 8.0;
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{m}x{n}x{k} r{r} [{i}]: {g} against {e}"
+                    );
+                }
+                let these: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                assert!(
+                    bits.get_or_insert(these.clone()) == &these,
+                    "{threads} threads differ"
                 );
             }
         }
