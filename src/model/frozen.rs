@@ -338,11 +338,7 @@ mod tests {
                 let dy = f32s(rand(&[2, rows, o]));
                 let y = frozen.forward(x.as_tensor()).unwrap();
                 let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-                assert!(
-                    max_diff(&y, &want) < tol,
-                    "{rows}: {}",
-                    max_diff(&y, &want)
-                );
+                assert!(max_diff(&y, &want) < tol, "{rows}: {}", max_diff(&y, &want));
                 let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
                 let want = dy.broadcast_matmul(&w).unwrap();
                 let got = grads.get(x.as_tensor()).unwrap();

@@ -267,6 +267,9 @@ impl PackedWeight {
     }
 }
 
+/// A matrix as stored: `(data, row stride, column stride)`.
+pub type Stored<'a> = (&'a [f32], usize, usize);
+
 /// `x B (+ t U)` for `x` `[m, k]` row-major and `b` `[k, n]` as stored (`(data, row
 /// stride, column stride)`): the packed micro-kernel over a weight that is not packed
 /// (training's, forward `x W^T` and backward `g W`), one panel of `b` packed at a time
@@ -277,8 +280,8 @@ impl PackedWeight {
 pub fn strided_product(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
-    b: (&[f32], usize, usize),
-    low: Option<(&[f32], usize, (&[f32], usize, usize))>,
+    b: Stored,
+    low: Option<(&[f32], usize, Stored)>,
 ) -> Vec<f32> {
     assert!(
         x.len() >= m * k && (k == 0 || n == 0 || (k - 1) * b.1 + (n - 1) * b.2 < b.0.len()),
@@ -325,11 +328,7 @@ impl PackedWeight {
     /// Overwrites this one-panel weight with columns `cols` (at most [`NR`]) of `b`
     /// `[k, n]` as stored; returns their count. A row of the panel at a time when the
     /// columns are contiguous, a column at a time down its length otherwise.
-    fn fill_panel(
-        &mut self,
-        (data, rs, cs): (&[f32], usize, usize),
-        cols: std::ops::Range<usize>,
-    ) -> usize {
+    fn fill_panel(&mut self, (data, rs, cs): Stored, cols: std::ops::Range<usize>) -> usize {
         let (width, c0) = (cols.len(), cols.start);
         if width < NR {
             self.rows.iter_mut().for_each(|row| row.0 = [0.0; NR]);
