@@ -208,7 +208,8 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        // f32: the packed product, or straight to gemm with the weight as stored
+        // f32: the packed product, or `linear_with` (gemm, or the packed kernel with the
+        // weight packed at the call) with the weight as stored
         // (row-major, or its transpose), into an output that is not zeroed first.
         if let CpuStorage::F32(xs) = x {
             let (shape, (m, n, k)) = self.plan(layout)?;

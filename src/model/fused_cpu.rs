@@ -1757,7 +1757,7 @@ fn lora_dims(
 }
 
 /// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, or one
-/// packed at the call ([`packs_per_call`]), one pass over the output
+/// packed at the call (`packs_per_call`), one pass over the output
 /// ([`packed::PackedWeight::lora_linear`], [`packed::strided_product`]); otherwise the
 /// base product, then the low-rank update added into it by the second product, with no
 /// pass of its own.

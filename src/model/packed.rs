@@ -9,12 +9,19 @@
 //! at load, into panels of [`NR`] output features with the input features running
 //! inside them (panel `p` holds `W[16p + j][i]` at `i * 16 + j`, 64-byte rows), and
 //! [`PackedWeight::linear`] runs a 6 x 16 FMA micro-kernel straight over those panels and
-//! over the input rows as they lie. Same memory as the weight (its last panel padded
-//! with zeros); measured against gemm in BENCHMARKS.md ("Session 10").
+//! over the input rows, packed at each call into tiles of 6 rows interleaved feature by
+//! feature (`pack_rows`: one stream to read instead of six a row apart, a copy the size
+//! of the input). Same memory as the weight (its last panel padded with zeros).
+//! [`PackedWeight::lora_linear`] adds a LoRA update in the same pass, its `r` features
+//! continuing each output's chain. Training's weights stay as loaded; its products with
+//! 1,024-2,048 input features pack them a panel at a time at the call
+//! ([`strided_product`]). Measured against gemm in BENCHMARKS.md ("Session 10",
+//! "Session 11").
 //!
 //! Every output is one chain of fused multiply-adds over the input features in order (in
-//! blocks of 2048 features, each block's sum added to the output in order), whatever the thread
-//! count or the number of rows: results reproduce bit for bit across thread counts, and
+//! blocks of 2048 features, each block's sum added to the output in order; a LoRA
+//! update's features after the last block's), whatever the thread count or the number of
+//! rows: results reproduce bit for bit across thread counts, and
 //! the scalar path (`mul_add`, the same order) gives the same bits as the AVX2 one
 //! (`simd_and_scalar_paths_agree_to_the_bit_at_every_thread_count`).
 //!
@@ -122,7 +129,7 @@ impl PackedWeight {
     }
 
     /// `x W^T` for `x` `[m, in]` row-major: `[m, out]`, on rayon's threads (the rows
-    /// packed first, [`pack_rows`]).
+    /// packed first, `pack_rows`).
     pub fn linear(&self, x: &[f32], m: usize) -> Vec<f32> {
         let k = self.inp;
         assert!(
