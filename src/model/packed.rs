@@ -563,6 +563,28 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
+    /// `f` on a rayon pool of `threads` threads.
+    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
+    }
+
+    /// Every element of `got` within `tol` of `want`'s.
+    fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!((g - e).abs() <= tol, "{what} [{i}]: {g} against {e}");
+        }
+    }
+
+    /// Whether `a` and `b` hold the same bits.
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// The packed product with the scalar path forced.
     fn scalar_linear(p: &PackedWeight, x: &[f32], m: usize) -> Vec<f32> {
         p.product(&pack_rows(x, m, p.inp), m, None, false)
@@ -587,9 +609,7 @@ mod tests {
                 assert_eq!(p.dims(), (n, k));
                 let got = p.linear(&flat(&x), m);
                 let tol = 1e-6 * (k as f32).sqrt() * 4.0;
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() <= tol, "{m}x{n}x{k} [{i}]: {g} against {e}");
-                }
+                assert_close(&got, &want, tol, &format!("{m}x{n}x{k}"));
             }
         }
     }
@@ -601,16 +621,11 @@ mod tests {
         let p = PackedWeight::pack(&w).unwrap();
         let scalar = scalar_linear(&p, &x, m);
         for threads in [1, 2, 3, 7] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let got = pool.install(|| p.linear(&x, m));
-            let same = got
-                .iter()
-                .zip(&scalar)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{threads} threads differ from the scalar path");
+            let got = in_pool(threads, || p.linear(&x, m));
+            assert!(
+                same_bits(&got, &scalar),
+                "{threads} threads differ from the scalar path"
+            );
         }
     }
 
@@ -633,29 +648,16 @@ mod tests {
             let p = PackedWeight::pack(&w).unwrap();
             let (xs, as_, bs) = (flat(&x), flat(&a), flat(&b));
             let got = p.lora_linear(&xs, m, &as_, &bs, r, s);
-            let tol = 1e-6 * ((k + r) as f32).sqrt() * 8.0;
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= tol,
-                    "{m}x{n}x{k} r{r} [{i}]: {g} against {e}"
-                );
-            }
+            let (tol, what) = (
+                1e-6 * ((k + r) as f32).sqrt() * 8.0,
+                format!("{m}x{n}x{k} r{r}"),
+            );
+            assert_close(&got, &want, tol, &what);
             // The same bits on the scalar path and at any thread count.
             let scalar = p.lora_with(&xs, m, (&as_, &bs, r, s), false);
             for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let got = pool.install(|| p.lora_linear(&xs, m, &as_, &bs, r, s));
-                let same = got
-                    .iter()
-                    .zip(&scalar)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{m}x{n}x{k} r{r}: {threads} threads differ from scalar"
-                );
+                let got = in_pool(threads, || p.lora_linear(&xs, m, &as_, &bs, r, s));
+                assert!(same_bits(&got, &scalar), "{what}: {threads} threads differ");
             }
         }
     }
@@ -687,23 +689,14 @@ mod tests {
                 ((&bt[..], 1, k), 2),
                 ((&bs[..], n, 1), 7),
             ] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let got = pool.install(|| strided_product((m, n, k), &xs, operand, low));
-                let tol = 1e-6 * ((k + r) as f32).sqrt() * 8.0;
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - e).abs() <= tol,
-                        "{m}x{n}x{k} r{r} [{i}]: {g} against {e}"
-                    );
-                }
-                let these: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-                assert!(
-                    bits.get_or_insert(these.clone()) == &these,
-                    "{threads} threads differ"
+                let got = in_pool(threads, || strided_product((m, n, k), &xs, operand, low));
+                let (tol, what) = (
+                    1e-6 * ((k + r) as f32).sqrt() * 8.0,
+                    format!("{m}x{n}x{k} r{r}"),
                 );
+                assert_close(&got, &want, tol, &what);
+                let first = bits.get_or_insert_with(|| got.clone());
+                assert!(same_bits(first, &got), "{what}: {threads} threads differ");
             }
         }
     }
