@@ -274,6 +274,11 @@ impl PackedWeight {
     }
 }
 
+/// Rows [`strided_product`] runs over a panel at most before the next panel (16 MB of
+/// packed rows at 2,048 features).
+const ROW_GROUP: usize = 2046;
+const _: () = assert!(ROW_GROUP.is_multiple_of(MR));
+
 /// A matrix as stored: `(data, row stride, column stride)`.
 pub type Stored<'a> = (&'a [f32], usize, usize);
 
@@ -318,11 +323,18 @@ pub fn strided_product(
             out: NR,
             inp: k,
         };
-        for p in p0..(p0 + per).min(panels) {
-            panel.out = panel.fill_panel(b, p * NR..((p + 1) * NR).min(n));
-            // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
-            // m x n, and the chunks write disjoint columns.
-            unsafe { panel.run_block(&xp, low, (p, 0..1), 0..m, (out, n), simd) }
+        // Rows in groups of at most ROW_GROUP (whole tiles), each run over every panel:
+        // the group's packed rows stay in the L3 cache while the panels pass.
+        let groups = m.div_ceil(ROW_GROUP);
+        let size = m.div_ceil(groups).next_multiple_of(MR);
+        for i0 in (0..m).step_by(size) {
+            for p in p0..(p0 + per).min(panels) {
+                panel.out = panel.fill_panel(b, p * NR..((p + 1) * NR).min(n));
+                let rows = i0..(i0 + size).min(m);
+                // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
+                // m x n, and the chunks write disjoint columns.
+                unsafe { panel.run_block(&xp, low, (p, 0..1), rows, (out, n), simd) }
+            }
         }
     });
     // SAFETY: every panel's first input block wrote all its columns for every row, and
@@ -664,14 +676,16 @@ mod tests {
 
     #[test]
     fn the_product_packed_at_the_call_matches_candles_both_layouts_and_low_rank() {
-        // Panels split over threads, ragged columns, inputs past a block of 2048; the
-        // operand `b` row-major (backward's `g W`) and column-major (forward's `x W^T`),
-        // with and without the low-rank features.
+        // Panels split over threads, ragged columns, inputs past a block of 2048, rows
+        // past a group of 2046 (two groups of 1050); the operand `b` row-major
+        // (backward's `g W`) and column-major (forward's `x W^T`), with and without the
+        // low-rank features.
         for &(m, n, k, r) in &[
             (1, 1, 1, 0),
             (50, 33, 130, 3),
             (121, 600, 70, 16),
             (13, 40, 2100, 5),
+            (2100, 20, 30, 2),
         ] {
             let (x, b) = (matrix(m, k, 21), matrix(k, n, 22));
             let (t, u) = (matrix(m, r, 23), matrix(r, n, 24));
