@@ -1269,10 +1269,16 @@ pub fn linear(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32
 
 /// [`linear`] with the weight `[n, k]` as it is stored.
 pub fn linear_with(x: &[f32], w: Matrix, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    frozen_product((m, n, k), x, w.transposed())
+}
+
+/// `x rhs` for `x` `[m, k]` row-major and a frozen weight's `rhs` `[k, n]` as stored:
+/// the packed micro-kernel where [`packs_per_call`] says so, gemm otherwise.
+fn frozen_product((m, n, k): (usize, usize, usize), x: &[f32], rhs: Operand) -> Vec<f32> {
     if packs_per_call(m, k) {
-        return packed::strided_product((m, n, k), x, w.transposed(), None);
+        return packed::strided_product((m, n, k), x, rhs, None);
     }
-    matmul_new((m, n, k), (x, k, 1), w.transposed())
+    matmul_new((m, n, k), (x, k, 1), rhs)
 }
 
 /// Whether a product of `m` rows and `k` features with a weight as stored (training's,
@@ -1379,13 +1385,7 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let m = g.elem_count() / n.max(1);
     let dx = with_f32(g, |gs| {
-        with_matrix(w, |w| {
-            Ok(if packs_per_call(m, n) {
-                packed::strided_product((m, k, n), gs, w.operand(), None)
-            } else {
-                matmul_new((m, k, n), (gs, n, 1), w.operand())
-            })
-        })
+        with_matrix(w, |w| Ok(frozen_product((m, k, n), gs, w.operand())))
     })?;
     Tensor::from_vec(dx, shape, g.device())
 }
