@@ -7,7 +7,9 @@ either side gets to its own speed.
 
     python3 benches/lora_compare.py [THREADS] [ROUNDS] [FILTER]   (default 2 3 "")
 
-Needs cargo and python3 with torch (transformers for the Llama case). Sets
+Needs cargo and python3 with torch (transformers for the Llama case); with
+TAPER_BENCH_BIN set to a built `lora` bench binary (`cargo bench --bench lora --no-run`
+prints its path), that binary runs instead of cargo, on a machine without Rust. Sets
 RAYON_NUM_THREADS for taper; PyTorch gets the same thread count. Prints, per case, the
 fastest time of each side and the ratio PyTorch time / taper time (> 1: taper faster).
 """
@@ -43,8 +45,13 @@ PAIRS = {k: v for k, v in PAIRS.items() if FILTER in k}
 
 def taper_round():
     env = dict(os.environ, RAYON_NUM_THREADS=THREADS)
-    args = ["cargo", "bench", "--bench", "lora", "--", "--warm-up-time", "1",
-            "--measurement-time", "2"]
+    timing = ["--warm-up-time", "1", "--measurement-time", "2"]
+    binary = os.environ.get("TAPER_BENCH_BIN")
+    if binary:
+        args = [binary, "--bench"] + timing
+        env["CARGO_TARGET_DIR"] = str(TARGET)
+    else:
+        args = ["cargo", "bench", "--bench", "lora", "--"] + timing
     if FILTER:
         args.append(FILTER)
     subprocess.run(args, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,

@@ -486,7 +486,7 @@ pub fn lora_linear(
     // the graph.
     let m = lead.iter().product::<usize>();
     let x2 = x.detach().reshape((m, i))?;
-    let out = fused_cpu::lora_forward(&x2, w, bias, &a.detach(), &b.detach(), scale)?;
+    let (out, down) = fused_cpu::lora_forward(&x2, w, bias, &a.detach(), &b.detach(), scale)?;
     let mut shape = lead.to_vec();
     shape.push(w.dims()?.0);
     let op = LoraBackward {
@@ -495,6 +495,7 @@ pub fn lora_linear(
             Weight::Packed(p) => Weight::Packed(p.clone()),
         },
         scale,
+        down,
         need_dx: x.track_op(),
     };
     attach3(x, a, b, Out::Cpu(out, Shape::from(shape)), op).map(Some)
@@ -503,6 +504,8 @@ pub fn lora_linear(
 struct LoraBackward {
     weight: Weight,
     scale: f64,
+    /// `x A^T` `[rows, r]` as the forward computed it (`None` for a packed weight).
+    down: Option<Vec<f32>>,
     /// Whether the input needs its gradient (it does below any other trainable layer).
     need_dx: bool,
 }
@@ -519,7 +522,16 @@ impl Backward3 for LoraBackward {
         let (x2, g2) = (x.reshape(((), i))?, grad.reshape(((), o))?);
         // A packed weight is unpacked here (a model set up for inference, trained).
         let w = self.weight.to_tensor()?;
-        let (dx, da, db) = fused_cpu::lora_backward(&x2, &w, a, b, &g2, self.scale, self.need_dx)?;
+        let (dx, da, db) = fused_cpu::lora_backward(
+            &x2,
+            &w,
+            a,
+            b,
+            &g2,
+            self.scale,
+            self.down.as_deref(),
+            self.need_dx,
+        )?;
         let dx = match dx {
             Some(dx) => Some(dx.reshape(x.shape())?),
             None => None,

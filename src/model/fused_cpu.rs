@@ -1758,9 +1758,11 @@ fn lora_dims(
 
 /// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, or one
 /// packed at the call (`packs_per_call`), one pass over the output
-/// ([`packed::PackedWeight::lora_linear`], [`packed::strided_product`]); otherwise the
-/// base product, then the low-rank update added into it by the second product, with no
-/// pass of its own.
+/// ([`packed::PackedWeight::lora_linear`], [`packed::PackedRows::strided_product`], the
+/// rows packed once for `x A^T` and the main product); otherwise the base product, then
+/// the low-rank update added into it by the second product, with no pass of its own.
+/// Returns `y` and, for a weight that is not packed (training's), `t = x A^T` `[m, r]`,
+/// which [`lora_backward`] takes instead of computing it again.
 pub fn lora_forward(
     x: &Tensor,
     w: &Weight,
@@ -1768,29 +1770,32 @@ pub fn lora_forward(
     a: &Tensor,
     b: &Tensor,
     s: f64,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let (m, i, o, r) = lora_dims(x, w.dims()?, a, b)?;
     let threads = rayon::current_num_threads();
-    let mut y = with_f32(x, |xs| {
+    let (mut y, t) = with_f32(x, |xs| {
         with_f32(a, |as_| {
             with_f32(b, |bs| {
                 let w = match w {
-                    Weight::Packed(p) => return Ok(p.lora_linear(xs, m, as_, bs, r, s as f32)),
+                    Weight::Packed(p) => {
+                        return Ok((p.lora_linear(xs, m, as_, bs, r, s as f32), None))
+                    }
                     Weight::Tensor(w) => w,
                 };
-                let mut t = linear(xs, as_, (m, r, i));
                 if packs_per_call(m, i) {
+                    let xp = packed::PackedRows::new(xs, m, i);
+                    let t = xp.times_small((as_, i, 1), r);
                     // The low-rank update continues each output's sum (B^T as stored).
-                    t.iter_mut().for_each(|v| *v *= s as f32);
-                    let low = Some((&t[..], r, (bs, 1, r)));
-                    return with_matrix(w, |wm| {
-                        Ok(packed::strided_product((m, o, i), xs, wm.transposed(), low))
-                    });
+                    let st: Vec<f32> = t.iter().map(|v| v * s as f32).collect();
+                    let low = Some((&st[..], r, (bs, 1, r)));
+                    let y = with_matrix(w, |wm| Ok(xp.strided_product(o, wm.transposed(), low)))?;
+                    return Ok((y, Some(t)));
                 }
+                let t = linear(xs, as_, (m, r, i));
                 let mut y = with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?;
                 let up = ((&t[..], r, 1), (bs, 1, r));
                 scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
-                Ok(y)
+                Ok((y, Some(t)))
             })
         })
     })?;
@@ -1807,11 +1812,13 @@ pub fn lora_forward(
             Ok(())
         })?;
     }
-    Ok(y)
+    Ok((y, t))
 }
 
 /// The gradients of [`lora_forward`] given `g` `[m, out]`: for `x` (when `need_dx`),
-/// `A` and `B`. `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`.
+/// `A` and `B`. `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`; `t`
+/// is `x A^T` as the forward computed it (computed here when `None`).
+#[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     x: &Tensor,
     w: &Tensor,
@@ -1819,10 +1826,11 @@ pub fn lora_backward(
     b: &Tensor,
     g: &Tensor,
     s: f64,
+    t: Option<&[f32]>,
     need_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let (m, i, o, r) = lora_dims(x, w.dims2()?, a, b)?;
-    if g.dims() != [m, o] {
+    if g.dims() != [m, o] || t.is_some_and(|t| t.len() != m * r) {
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }
     let (threads, s) = (rayon::current_num_threads(), s as f32);
@@ -1831,24 +1839,37 @@ pub fn lora_backward(
             with_f32(a, |as_| {
                 with_f32(b, |bs| {
                     with_f32(g, |gs| {
-                        // u = g B [m, r]; t = x A^T [m, r], recomputed.
-                        let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
-                        let t = linear(xs, as_, (m, r, i));
-                        let dx = need_dx.then(|| {
-                            if packs_per_call(m, o) {
-                                // s (g B) A continues each sum (A as stored).
-                                let su: Vec<f32> = u.iter().map(|v| v * s).collect();
-                                let low = Some((&su[..], r, (as_, i, 1)));
-                                return packed::strided_product((m, i, o), gs, wm.operand(), low);
+                        let computed;
+                        let t = match t {
+                            Some(t) => t,
+                            None => {
+                                computed = linear(xs, as_, (m, r, i));
+                                &computed[..]
                             }
-                            let mut dx = matmul_new((m, i, o), (gs, o, 1), wm.operand());
-                            let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
-                            scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);
-                            dx
-                        });
+                        };
+                        // u = g B [m, r]; with the main product packed, on g's rows
+                        // packed once for both.
+                        let (u, dx) = if need_dx && packs_per_call(m, o) {
+                            let gp = packed::PackedRows::new(gs, m, o);
+                            let u = gp.times_small((bs, 1, r), r);
+                            // s (g B) A continues each sum (A as stored).
+                            let su: Vec<f32> = u.iter().map(|v| v * s).collect();
+                            let low = Some((&su[..], r, (as_, i, 1)));
+                            let dx = gp.strided_product(i, wm.operand(), low);
+                            (u, Some(dx))
+                        } else {
+                            let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
+                            let dx = need_dx.then(|| {
+                                let mut dx = matmul_new((m, i, o), (gs, o, 1), wm.operand());
+                                let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
+                                scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);
+                                dx
+                            });
+                            (u, dx)
+                        };
                         // dA = (g B)^T x and dB = g^T t, scaled below.
                         let da = matmul_new((r, i, m), (&u, 1, r), (xs, i, 1));
-                        let db = matmul_new((o, r, m), (gs, 1, o), (&t, r, 1));
+                        let db = matmul_new((o, r, m), (gs, 1, o), (t, r, 1));
                         Ok((dx, da, db))
                     })
                 })

@@ -279,16 +279,23 @@ impl PackedWeight {
 const ROW_GROUP: usize = 2046;
 const _: () = assert!(ROW_GROUP.is_multiple_of(MR));
 
+/// Panels [`strided_product`] packs at a time, then runs over the rows one after the
+/// other: 512 KB at 2,048 features, in a 1 MB L2 cache beside the rows streaming
+/// through. Four panels read 256 contiguous bytes of each row of a row-major weight
+/// instead of 64 rows 8 KB apart, which the prefetchers follow: packing a 2048 x 2048
+/// weight took 1.7-1.9 ms instead of 3.7 (one panel at a time), see BENCHMARKS.md.
+const FILL_PANELS: usize = 4;
+
 /// A matrix as stored: `(data, row stride, column stride)`.
 pub type Stored<'a> = (&'a [f32], usize, usize);
 
 /// `x B (+ t U)` for `x` `[m, k]` row-major and `b` `[k, n]` as stored (`(data, row
 /// stride, column stride)`): the packed micro-kernel over a weight that is not packed
-/// (training's, forward `x W^T` and backward `g W`), one panel of `b` packed at a time
-/// into a buffer of the thread's, then run over all the rows. `low` is `(t, r, u)`:
-/// `t` `[m, r]` row-major, `u` `[r, n]` as stored, its `r` features continuing every
-/// output's sum. Each output is one chain of multiply-adds in feature order, so the
-/// result does not depend on the thread count.
+/// (training's, forward `x W^T` and backward `g W`), a few panels of `b` packed at a
+/// time into a buffer of the thread's ([`FILL_PANELS`]), then run over all the rows.
+/// `low` is `(t, r, u)`: `t` `[m, r]` row-major, `u` `[r, n]` as stored, its `r`
+/// features continuing every output's sum. Each output is one chain of multiply-adds in
+/// feature order, so the result does not depend on the thread count.
 pub fn strided_product(
     (m, n, k): (usize, usize, usize),
     x: &[f32],
@@ -296,71 +303,164 @@ pub fn strided_product(
     low: Option<(&[f32], usize, Stored)>,
 ) -> Vec<f32> {
     assert!(
-        x.len() >= m * k && (k == 0 || n == 0 || (k - 1) * b.1 + (n - 1) * b.2 < b.0.len()),
-        "strided product: x or b shorter than {m} x {k}, {k} x {n}"
+        x.len() >= m * k,
+        "strided product: x shorter than {m} x {k}"
     );
-    let simd = simd_available();
-    let xp = pack_rows(&x[..m * k], m, k);
-    let low = low.map(|(t, r, (u, rs, cs))| {
-        let up = PackedWeight::from_fn(n, r, |o, j| u[j * rs + o * cs]);
-        (up, pack_rows(&t[..m * r], m, r))
-    });
-    let low = low.as_ref().map(|(up, tp)| (up, &tp[..]));
-    if m == 0 || n == 0 || (k == 0 && low.is_none()) {
-        return vec![0.0; m * n];
-    }
-    let panels = n.div_ceil(NR);
-    let threads = rayon::current_num_threads()
-        .min(panels.div_ceil(MIN_PANELS))
-        .max(1);
-    let per = panels.div_ceil(threads);
-    let mut y = Vec::<f32>::with_capacity(m * n);
-    let out = SendPtr(y.as_mut_ptr());
-    let chunks: Vec<usize> = (0..panels).step_by(per).collect();
-    chunks.into_par_iter().for_each(|p0| {
-        let mut panel = PackedWeight {
-            rows: vec![Row([0.0; NR]); k],
-            out: NR,
-            inp: k,
-        };
-        // Rows in groups of at most ROW_GROUP (whole tiles), each run over every panel:
-        // the group's packed rows stay in the L3 cache while the panels pass.
-        let groups = m.div_ceil(ROW_GROUP);
-        let size = m.div_ceil(groups).next_multiple_of(MR);
-        for i0 in (0..m).step_by(size) {
-            for p in p0..(p0 + per).min(panels) {
-                panel.out = panel.fill_panel(b, p * NR..((p + 1) * NR).min(n));
-                let rows = i0..(i0 + size).min(m);
-                // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
-                // m x n, and the chunks write disjoint columns.
-                unsafe { panel.run_block(&xp, low, (p, 0..1), rows, (out, n), simd) }
-            }
+    PackedRows::new(&x[..m * k], m, k).strided_product(n, b, low)
+}
+
+/// The rows of `x` `[m, k]` packed once ([`pack_rows`]) for several products with them:
+/// a LoRA linear's `x A^T` and `x W^T` in training's forward, `g B` and `g W` in its
+/// backward.
+pub struct PackedRows {
+    xp: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedRows {
+    /// Packs `x` `[m, k]` row-major.
+    pub fn new(x: &[f32], m: usize, k: usize) -> Self {
+        assert!(x.len() >= m * k, "packed rows: x shorter than {m} x {k}");
+        Self {
+            xp: pack_rows(&x[..m * k], m, k),
+            m,
+            k,
         }
-    });
-    // SAFETY: every panel's first input block wrote all its columns for every row, and
-    // the chunks cover all panels.
-    unsafe { y.set_len(m * n) };
-    y
+    }
+
+    /// `x C^T` for a small `c` `[r, k]` as stored (a LoRA factor; packed at the call):
+    /// `[m, r]`, the rows in blocks over rayon's threads. The same sums, in the same
+    /// order, as [`strided_product`] with `c^T`.
+    pub fn times_small(&self, (data, rs, cs): Stored, r: usize) -> Vec<f32> {
+        let k = self.k;
+        assert!(
+            r == 0 || k == 0 || (r - 1) * rs + (k - 1) * cs < data.len(),
+            "packed rows: the factor is shorter than {r} x {k}"
+        );
+        let c = PackedWeight::from_fn(r, k, |j, i| data[j * rs + i * cs]);
+        c.product(&self.xp, self.m, None, simd_available())
+    }
+
+    /// [`strided_product`] over these rows.
+    pub fn strided_product(
+        &self,
+        n: usize,
+        b: Stored,
+        low: Option<(&[f32], usize, Stored)>,
+    ) -> Vec<f32> {
+        let (m, k, xp) = (self.m, self.k, &self.xp);
+        assert!(
+            k == 0 || n == 0 || (k - 1) * b.1 + (n - 1) * b.2 < b.0.len(),
+            "strided product: b shorter than {k} x {n}"
+        );
+        let simd = simd_available();
+        let low = low.map(|(t, r, (u, rs, cs))| {
+            let up = PackedWeight::from_fn(n, r, |o, j| u[j * rs + o * cs]);
+            (up, pack_rows(&t[..m * r], m, r))
+        });
+        let low = low.as_ref().map(|(up, tp)| (up, &tp[..]));
+        if m == 0 || n == 0 || (k == 0 && low.is_none()) {
+            return vec![0.0; m * n];
+        }
+        let panels = n.div_ceil(NR);
+        let threads = rayon::current_num_threads()
+            .min(panels.div_ceil(MIN_PANELS))
+            .max(1);
+        let per = panels.div_ceil(threads);
+        let mut y = Vec::<f32>::with_capacity(m * n);
+        let out = SendPtr(y.as_mut_ptr());
+        let chunks: Vec<usize> = (0..panels).step_by(per).collect();
+        chunks.into_par_iter().for_each(|p0| {
+            let mut panel = PackedWeight {
+                rows: vec![Row([0.0; NR]); FILL_PANELS * k],
+                out: NR,
+                inp: k,
+            };
+            // Rows in groups of at most ROW_GROUP (whole tiles), each run over every panel:
+            // the group's packed rows stay in the L3 cache while the panels pass.
+            let groups = m.div_ceil(ROW_GROUP);
+            let size = m.div_ceil(groups).next_multiple_of(MR);
+            let end = (p0 + per).min(panels);
+            for i0 in (0..m).step_by(size) {
+                for g0 in (p0..end).step_by(FILL_PANELS) {
+                    let count = FILL_PANELS.min(end - g0);
+                    panel.out = panel.fill_panels(b, g0 * NR..((g0 + count) * NR).min(n), simd);
+                    let rows = i0..(i0 + size).min(m);
+                    // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
+                    // m x n, and the chunks write disjoint columns.
+                    unsafe { panel.run_block(xp, low, (g0, 0..count), rows, (out, n), simd) }
+                }
+            }
+        });
+        // SAFETY: every panel's first input block wrote all its columns for every row, and
+        // the chunks cover all panels.
+        unsafe { y.set_len(m * n) };
+        y
+    }
 }
 
 impl PackedWeight {
-    /// Overwrites this one-panel weight with columns `cols` (at most [`NR`]) of `b`
-    /// `[k, n]` as stored; returns their count. A row of the panel at a time when the
-    /// columns are contiguous, a column at a time down its length otherwise.
-    fn fill_panel(&mut self, (data, rs, cs): Stored, cols: std::ops::Range<usize>) -> usize {
-        let (width, c0) = (cols.len(), cols.start);
-        if width < NR {
-            self.rows.iter_mut().for_each(|row| row.0 = [0.0; NR]);
+    /// Overwrites this weight's first panels with columns `cols` of `b` `[k, n]` as
+    /// stored (at most as many as it has room for); returns their count. A row of `b`
+    /// at a time when the columns are contiguous, a column at a time down its length
+    /// otherwise.
+    fn fill_panels(
+        &mut self,
+        (data, rs, cs): Stored,
+        cols: std::ops::Range<usize>,
+        simd: bool,
+    ) -> usize {
+        let (width, c0, k) = (cols.len(), cols.start, self.inp);
+        let panels = width.div_ceil(NR);
+        if width % NR != 0 {
+            let last = &mut self.rows[(panels - 1) * k..][..k];
+            last.iter_mut().for_each(|row| row.0 = [0.0; NR]);
         }
         if cs == 1 {
-            for (i, row) in self.rows.iter_mut().enumerate() {
-                row.0[..width].copy_from_slice(&data[i * rs + c0..][..width]);
+            for i in 0..k {
+                let src = &data[i * rs + c0..][..width];
+                for (q, part) in src.chunks(NR).enumerate() {
+                    let row = &mut self.rows[q * k + i].0;
+                    match <&[f32; NR]>::try_from(part) {
+                        Ok(full) => *row = *full,
+                        Err(_) => row[..part.len()].copy_from_slice(part),
+                    }
+                }
             }
         } else {
-            for j in 0..width {
+            // Whole panels of columns contiguous down their length: 8 x 8 blocks
+            // transposed in registers; the rest element by element.
+            let mut from = 0;
+            #[cfg(target_arch = "x86_64")]
+            if simd && rs == 1 && k >= 8 {
+                from = width - width % NR;
+                let (kb, last) = (k - k % 8, (c0 + from).saturating_sub(1) * cs + k);
+                assert!(
+                    from == 0 || last <= data.len(),
+                    "packed: b shorter than its shape"
+                );
+                for q in 0..from / NR {
+                    let panel = &mut self.rows[q * k..][..k];
+                    // SAFETY: AVX2 is available (`simd`); columns c0 + 16q.. + 15 hold
+                    // k elements each at stride 1 from (c0 + j) * cs, in `data`
+                    // (asserted), and the panel has k rows.
+                    unsafe { avx2::transpose_panel(data, (c0 + q * NR) * cs, cs, kb, panel) };
+                }
+                for j in 0..from {
+                    let col = (c0 + j) * cs;
+                    let panel = &mut self.rows[(j / NR) * k..][..k];
+                    for (i, row) in panel.iter_mut().enumerate().skip(kb) {
+                        row.0[j % NR] = data[col + i];
+                    }
+                }
+            }
+            let _ = simd;
+            for j in from..width {
                 let col = (c0 + j) * cs;
-                for (i, row) in self.rows.iter_mut().enumerate() {
-                    row.0[j] = data[col + i * rs];
+                let panel = &mut self.rows[(j / NR) * k..][..k];
+                for (i, row) in panel.iter_mut().enumerate() {
+                    row.0[j % NR] = data[col + i * rs];
                 }
             }
         }
@@ -469,7 +569,7 @@ impl Tile {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, NR};
+    use super::{Row, Tile, NR};
 
     /// `R` rows times the panel's 16 columns: 2R accumulators, one FMA chain each.
     ///
@@ -496,6 +596,59 @@ mod avx2 {
                 let xv = _mm256_broadcast_ss(&*x.add(kk * R + r));
                 a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+            }
+        }
+    }
+
+    /// Rows `0..kb` (a multiple of 8) of a panel from 16 columns of `data`, column `j`'s
+    /// elements contiguous from `start + j * cs`: two 8 x 8 blocks transposed in
+    /// registers per 8 rows.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2; `data` holds `kb` elements of each of the 16 columns and
+    /// `panel` at least `kb` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transpose_panel(
+        data: &[f32],
+        start: usize,
+        cs: usize,
+        kb: usize,
+        panel: &mut [Row],
+    ) {
+        let src = data.as_ptr().add(start);
+        let dst = panel.as_mut_ptr().cast::<f32>();
+        for i0 in (0..kb).step_by(8) {
+            for h in 0..2 {
+                let col = |j: usize| _mm256_loadu_ps(src.add((8 * h + j) * cs + i0));
+                let (r0, r1, r2, r3) = (col(0), col(1), col(2), col(3));
+                let (r4, r5, r6, r7) = (col(4), col(5), col(6), col(7));
+                let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+                let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+                let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+                let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (ii, v) in out.into_iter().enumerate() {
+                    // Row i0 + ii, columns 8h..8h + 8: 32-byte aligned in a 64-byte row.
+                    _mm256_store_ps(dst.add((i0 + ii) * NR + 8 * h), v);
+                }
             }
         }
     }
@@ -712,6 +865,15 @@ mod tests {
                 let first = bits.get_or_insert_with(|| got.clone());
                 assert!(same_bits(first, &got), "{what}: {threads} threads differ");
             }
+            // The small product over the same packed rows (a LoRA factor's, `x C^T` for
+            // C = b^T as stored) adds the same products in the same order.
+            let rows = PackedRows::new(&xs, m, k);
+            let plain = in_pool(2, || rows.strided_product(n, (&bs[..], n, 1), None));
+            let small = in_pool(2, || rows.times_small((&bt[..], k, 1), n));
+            assert!(
+                same_bits(&plain, &small),
+                "{m}x{n}x{k}: times_small differs"
+            );
         }
     }
 
