@@ -282,8 +282,8 @@ const _: () = assert!(ROW_GROUP.is_multiple_of(MR));
 /// Panels [`strided_product`] packs at a time, then runs over the rows one after the
 /// other: 512 KB at 2,048 features, in a 1 MB L2 cache beside the rows streaming
 /// through. Four panels read 256 contiguous bytes of each row of a row-major weight
-/// instead of 64 rows 8 KB apart, which the prefetchers follow: packing a 2048 x 2048
-/// weight took 1.7-1.9 ms instead of 3.7 (one panel at a time), see BENCHMARKS.md.
+/// instead of 64 bytes of rows 8 KB apart: packing a row-major 2048 x 2048 weight took
+/// 1.8-2.1 ms instead of 3.7 (one panel at a time; BENCHMARKS.md, "Session 12").
 const FILL_PANELS: usize = 4;
 
 /// A matrix as stored: `(data, row stride, column stride)`.
@@ -292,7 +292,7 @@ pub type Stored<'a> = (&'a [f32], usize, usize);
 /// `x B (+ t U)` for `x` `[m, k]` row-major and `b` `[k, n]` as stored (`(data, row
 /// stride, column stride)`): the packed micro-kernel over a weight that is not packed
 /// (training's, forward `x W^T` and backward `g W`), a few panels of `b` packed at a
-/// time into a buffer of the thread's ([`FILL_PANELS`]), then run over all the rows.
+/// time into a buffer of the thread's (`FILL_PANELS`), then run over all the rows.
 /// `low` is `(t, r, u)`: `t` `[m, r]` row-major, `u` `[r, n]` as stored, its `r`
 /// features continuing every output's sum. Each output is one chain of multiply-adds in
 /// feature order, so the result does not depend on the thread count.
@@ -309,7 +309,7 @@ pub fn strided_product(
     PackedRows::new(&x[..m * k], m, k).strided_product(n, b, low)
 }
 
-/// The rows of `x` `[m, k]` packed once ([`pack_rows`]) for several products with them:
+/// The rows of `x` `[m, k]` packed once (`pack_rows`) for several products with them:
 /// a LoRA linear's `x A^T` and `x W^T` in training's forward, `g B` and `g W` in its
 /// backward.
 pub struct PackedRows {

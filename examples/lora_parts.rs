@@ -1,0 +1,111 @@
+//! Times the parts of one LoRA layer's training step on the CPU (d 2048, r 16, input
+//! `[4, 128, 2048]`, the `lora_fwd_bwd_d2048_r16` case of `benches/lora.rs`): the whole
+//! forward + backward through candle's graph, the forward alone, the fused kernels'
+//! forward and backward, the bare base products in both layouts, and packing the weight
+//! for training's product (a product over 6 rows, which is little else). Prints the
+//! fastest of N calls of each, the parts in turns so a machine's slow phases touch all
+//! of them.
+//!
+//! `RAYON_NUM_THREADS=2 cargo run --release --example lora_parts -- [N]` (default 10)
+
+use std::time::Instant;
+
+use candle_core::{Device, ModuleT, Tensor, Var};
+use taper::model::frozen::{FrozenLinear, Weight};
+use taper::model::fused_cpu;
+use taper::model::lora::{LoraBranch, LoraLinear};
+use taper::model::packed;
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
+}
+
+/// A named part of the step.
+type Part<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn main() {
+    taper::model::device::keep_freed_buffers();
+    let calls: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let (m, d, r) = (512, 2048, 16);
+    let x = Var::from_tensor(&randn(&[4, 128, d])).unwrap();
+    let x = x.as_tensor();
+    let w = randn(&[d, d]);
+    let (a, b) = (randn(&[r, d]), randn(&[d, r]));
+    let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+    let mut layer = LoraLinear::new("bench", FrozenLinear::new(w.clone(), None));
+    let branch = LoraBranch {
+        a: va.as_tensor().clone(),
+        b: vb.as_tensor().clone(),
+        scale: 2.0,
+        dropout: 0.0,
+    };
+    layer.set_lora(Some(branch)).unwrap();
+    let x2 = x.reshape((m, d)).unwrap().detach();
+    let g = randn(&[m, d]);
+    let (ws, xs) = (flat(&w), flat(&x2));
+    let weight = Weight::Tensor(w.clone());
+
+    let parts: Vec<Part> = vec![
+        (
+            "layer forward + backward (candle graph)",
+            Box::new(|| {
+                let y = layer.forward_t(x, true).unwrap();
+                drop(y.sum_all().unwrap().backward().unwrap());
+            }),
+        ),
+        (
+            "layer forward (training)",
+            Box::new(|| drop(layer.forward_t(x, true).unwrap())),
+        ),
+        (
+            "fused_cpu::lora_forward",
+            Box::new(|| drop(fused_cpu::lora_forward(&x2, &weight, None, &a, &b, 2.0).unwrap())),
+        ),
+        (
+            "fused_cpu::lora_backward",
+            Box::new(|| {
+                let out = fused_cpu::lora_backward(&x2, &w, &a, &b, &g, 2.0, None, true);
+                drop(out.unwrap())
+            }),
+        ),
+        (
+            "base product x W^T (training's layout)",
+            Box::new(|| drop(fused_cpu::linear(&xs, &ws, (m, d, d)))),
+        ),
+        (
+            "base product g W (backward)",
+            Box::new(|| drop(fused_cpu::linear_input_grad(&g, &w).unwrap())),
+        ),
+        (
+            "packing W for x W^T (6 rows)",
+            Box::new(|| drop(packed::strided_product((6, d, d), &xs, (&ws, 1, d), None))),
+        ),
+        (
+            "packing W for g W (6 rows)",
+            Box::new(|| drop(packed::strided_product((6, d, d), &xs, (&ws, d, 1), None))),
+        ),
+    ];
+    let mut best = vec![f64::INFINITY; parts.len()];
+    for _ in 0..calls {
+        for (i, (_, f)) in parts.iter().enumerate() {
+            let t = Instant::now();
+            f();
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "packing on this CPU: {}; {} threads; fastest of {calls}",
+        packed::packing_pays(),
+        rayon::current_num_threads()
+    );
+    for ((name, _), t) in parts.iter().zip(best) {
+        println!("{name:42} {:8.2} ms", t * 1e3);
+    }
+}
