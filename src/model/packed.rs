@@ -200,11 +200,7 @@ impl PackedWeight {
         if m == 0 || n == 0 || (k == 0 && low.is_none()) {
             return vec![0.0; m * n];
         }
-        let panels = n.div_ceil(NR);
-        let threads = rayon::current_num_threads()
-            .min(panels.div_ceil(MIN_PANELS))
-            .max(1);
-        let per = panels.div_ceil(threads);
+        let (panels, per) = panel_split(n);
         let mut y = Vec::<f32>::with_capacity(m * n);
         let out = SendPtr(y.as_mut_ptr());
         let items: Vec<_> = (0..panels)
@@ -363,11 +359,7 @@ impl PackedRows {
         if m == 0 || n == 0 || (k == 0 && low.is_none()) {
             return vec![0.0; m * n];
         }
-        let panels = n.div_ceil(NR);
-        let threads = rayon::current_num_threads()
-            .min(panels.div_ceil(MIN_PANELS))
-            .max(1);
-        let per = panels.div_ceil(threads);
+        let (panels, per) = panel_split(n);
         let mut y = Vec::<f32>::with_capacity(m * n);
         let out = SendPtr(y.as_mut_ptr());
         let chunks: Vec<usize> = (0..panels).step_by(per).collect();
@@ -500,6 +492,16 @@ fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 
 /// Elements of an input from which [`pack_rows`] runs on rayon's threads.
 const PARALLEL_PACK: usize = 1 << 16;
+
+/// The panels of an output of `n` columns, and how many a thread takes (at least
+/// [`MIN_PANELS`], as many threads as that leaves work for).
+fn panel_split(n: usize) -> (usize, usize) {
+    let panels = n.div_ceil(NR);
+    let threads = rayon::current_num_threads()
+        .min(panels.div_ceil(MIN_PANELS))
+        .max(1);
+    (panels, panels.div_ceil(threads))
+}
 
 /// One micro-kernel call's fixed arguments: `kc` input features, the panel's rows from
 /// the block's first feature, the output's row stride, the panel's real columns, and
