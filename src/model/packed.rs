@@ -14,8 +14,8 @@
 //! of the input). Same memory as the weight (its last panel padded with zeros).
 //! [`PackedWeight::lora_linear`] adds a LoRA update in the same pass, its `r` features
 //! continuing each output's chain. Training's weights stay as loaded; its products with
-//! 1,024-2,048 input features pack them a panel at a time at the call
-//! ([`strided_product`]). Measured against gemm in BENCHMARKS.md ("Session 10",
+//! 1,024-2,048 input features pack them four panels at a time at the call, a row-major
+//! weight's next four between the tiles over the current ones ([`strided_product`]). Measured against gemm in BENCHMARKS.md ("Session 10",
 //! "Session 11").
 //!
 //! Every output is one chain of fused multiply-adds over the input features in order (in
@@ -211,7 +211,7 @@ impl PackedWeight {
             let (panels, rows) = (p0..(p0 + per).min(panels), i0..(i0 + MC).min(m));
             // SAFETY: `xp` (and `low`'s rows) hold m rows packed (asserted above and by
             // the callers), `y` has room for m x n, and the items write disjoint blocks.
-            unsafe { self.run_block(xp, low, (0, panels), rows, (out, n), simd) }
+            unsafe { self.run_block(xp, low, (0, panels), rows, (out, n), simd, None) }
         });
         // SAFETY: every item's first input block wrote every element of its panels'
         // columns for its rows, and the items cover all panels and rows.
@@ -236,6 +236,7 @@ impl PackedWeight {
         rows: std::ops::Range<usize>,
         (y, y_rs): (SendPtr, usize),
         simd: bool,
+        mut ahead: Option<&mut Filler>,
     ) {
         let (n, k) = (self.out, self.inp);
         let blocks = k.div_ceil(KC).max(1);
@@ -263,6 +264,9 @@ impl PackedWeight {
                     let xs = xp.as_ptr().add(i * k + kb * r);
                     let c = y.get().add(i * y_rs + (first + p) * NR);
                     t.run(r, xs, c, simd);
+                    if let Some(f) = ahead.as_deref_mut() {
+                        f.advance();
+                    }
                     i += r;
                 }
             }
@@ -288,7 +292,8 @@ pub type Stored<'a> = (&'a [f32], usize, usize);
 /// `x B (+ t U)` for `x` `[m, k]` row-major and `b` `[k, n]` as stored (`(data, row
 /// stride, column stride)`): the packed micro-kernel over a weight that is not packed
 /// (training's, forward `x W^T` and backward `g W`), a few panels of `b` packed at a
-/// time into a buffer of the thread's (`FILL_PANELS`), then run over all the rows.
+/// time into a buffer of the thread's (`FILL_PANELS`), then run over all the rows (a
+/// row-major `b`'s next panels filled into a second buffer between the tiles, `Filler`).
 /// `low` is `(t, r, u)`: `t` `[m, r]` row-major, `u` `[r, n]` as stored, its `r`
 /// features continuing every output's sum. Each output is one chain of multiply-adds in
 /// feature order, so the result does not depend on the thread count.
@@ -359,29 +364,52 @@ impl PackedRows {
         if m == 0 || n == 0 || (k == 0 && low.is_none()) {
             return vec![0.0; m * n];
         }
-        let (panels, per) = panel_split(n);
+        let (panels_total, per) = panel_split(n);
         let mut y = Vec::<f32>::with_capacity(m * n);
         let out = SendPtr(y.as_mut_ptr());
-        let chunks: Vec<usize> = (0..panels).step_by(per).collect();
+        let chunks: Vec<usize> = (0..panels_total).step_by(per).collect();
         chunks.into_par_iter().for_each(|p0| {
-            let mut panel = PackedWeight {
+            let buffer = || PackedWeight {
                 rows: vec![Row([0.0; NR]); FILL_PANELS * k],
                 out: NR,
                 inp: k,
             };
+            let (mut panels, mut next) = (buffer(), buffer());
             // Rows in groups of at most ROW_GROUP (whole tiles), each run over every panel:
-            // the group's packed rows stay in the L3 cache while the panels pass.
+            // the group's packed rows stay in the L3 cache while the panels pass. Each
+            // run fills the next run's panels between its tiles.
             let groups = m.div_ceil(ROW_GROUP);
             let size = m.div_ceil(groups).next_multiple_of(MR);
-            let end = (p0 + per).min(panels);
-            for i0 in (0..m).step_by(size) {
-                for g0 in (p0..end).step_by(FILL_PANELS) {
-                    let count = FILL_PANELS.min(end - g0);
-                    panel.out = panel.fill_panels(b, g0 * NR..((g0 + count) * NR).min(n), simd);
-                    let rows = i0..(i0 + size).min(m);
-                    // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
-                    // m x n, and the chunks write disjoint columns.
-                    unsafe { panel.run_block(xp, low, (g0, 0..count), rows, (out, n), simd) }
+            let end = (p0 + per).min(panels_total);
+            let cols = |g0: usize| g0 * NR..((g0 + FILL_PANELS).min(end) * NR).min(n);
+            let runs: Vec<(usize, usize)> = (0..m)
+                .step_by(size)
+                .flat_map(|i0| (p0..end).step_by(FILL_PANELS).map(move |g0| (i0, g0)))
+                .collect();
+            // Only a row-major weight's: a column-major one is read down its columns,
+            // which the hardware prefetcher follows.
+            let pipelined = b.2 == 1;
+            panels.out = panels.fill_panels(b, cols(runs[0].1), simd);
+            for (j, &(i0, g0)) in runs.iter().enumerate() {
+                let count = FILL_PANELS.min(end - g0);
+                let rows = i0..(i0 + size).min(m);
+                let tiles = count * rows.len().div_ceil(MR);
+                if j > 0 && !pipelined {
+                    panels.out = panels.fill_panels(b, cols(g0), simd);
+                }
+                let mut ahead = runs
+                    .get(j + 1)
+                    .filter(|_| pipelined)
+                    .map(|&(_, g1)| Filler::new(&mut next, b, cols(g1), tiles, simd));
+                // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
+                // m x n, and the chunks write disjoint columns.
+                unsafe {
+                    let out = (out, n);
+                    panels.run_block(xp, low, (g0, 0..count), rows, out, simd, ahead.as_mut())
+                }
+                if let Some(f) = ahead {
+                    f.finish();
+                    std::mem::swap(&mut panels, &mut next);
                 }
             }
         });
@@ -394,23 +422,35 @@ impl PackedRows {
 
 impl PackedWeight {
     /// Overwrites this weight's first panels with columns `cols` of `b` `[k, n]` as
-    /// stored (at most as many as it has room for); returns their count. A row of `b`
-    /// at a time when the columns are contiguous, a column at a time down its length
-    /// otherwise.
-    fn fill_panels(
+    /// stored (at most as many as it has room for); returns their count.
+    fn fill_panels(&mut self, b: Stored, cols: std::ops::Range<usize>, simd: bool) -> usize {
+        self.clear_tail(cols.len());
+        self.fill_rows(b, cols.clone(), 0..self.inp, simd);
+        cols.len()
+    }
+
+    /// Zeroes the panel that `width` columns leave partly filled, if any.
+    fn clear_tail(&mut self, width: usize) {
+        let k = self.inp;
+        if !width.is_multiple_of(NR) {
+            let last = &mut self.rows[(width / NR) * k..][..k];
+            last.iter_mut().for_each(|row| row.0 = [0.0; NR]);
+        }
+    }
+
+    /// Rows `rows` (input features) of the first panels, from columns `cols` of `b`
+    /// `[k, n]` as stored: a row of `b` at a time when the columns are contiguous, down
+    /// the columns otherwise.
+    fn fill_rows(
         &mut self,
         (data, rs, cs): Stored,
         cols: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
         simd: bool,
-    ) -> usize {
+    ) {
         let (width, c0, k) = (cols.len(), cols.start, self.inp);
-        let panels = width.div_ceil(NR);
-        if width % NR != 0 {
-            let last = &mut self.rows[(panels - 1) * k..][..k];
-            last.iter_mut().for_each(|row| row.0 = [0.0; NR]);
-        }
         if cs == 1 {
-            for i in 0..k {
+            for i in rows {
                 let src = &data[i * rs + c0..][..width];
                 for (q, part) in src.chunks(NR).enumerate() {
                     let row = &mut self.rows[q * k + i].0;
@@ -425,9 +465,10 @@ impl PackedWeight {
             // transposed in registers; the rest element by element.
             let mut from = 0;
             #[cfg(target_arch = "x86_64")]
-            if simd && rs == 1 && k >= 8 {
+            if simd && rs == 1 && rows.len() >= 8 {
                 from = width - width % NR;
-                let (kb, last) = (k - k % 8, (c0 + from).saturating_sub(1) * cs + k);
+                let blocks = rows.start..rows.end - rows.len() % 8;
+                let last = (c0 + from).saturating_sub(1) * cs + blocks.end;
                 assert!(
                     from == 0 || last <= data.len(),
                     "packed: b shorter than its shape"
@@ -435,15 +476,16 @@ impl PackedWeight {
                 for q in 0..from / NR {
                     let panel = &mut self.rows[q * k..][..k];
                     // SAFETY: AVX2 is available (`simd`); columns c0 + 16q.. + 15 hold
-                    // k elements each at stride 1 from (c0 + j) * cs, in `data`
-                    // (asserted), and the panel has k rows.
-                    unsafe { avx2::transpose_panel(data, (c0 + q * NR) * cs, cs, kb, panel) };
+                    // the `blocks` elements each at stride 1 from (c0 + j) * cs, in
+                    // `data` (asserted), and the panel has k rows.
+                    let start = (c0 + q * NR) * cs;
+                    unsafe { avx2::transpose_panel(data, start, cs, blocks.clone(), panel) };
                 }
                 for j in 0..from {
                     let col = (c0 + j) * cs;
                     let panel = &mut self.rows[(j / NR) * k..][..k];
-                    for (i, row) in panel.iter_mut().enumerate().skip(kb) {
-                        row.0[j % NR] = data[col + i];
+                    for i in blocks.end..rows.end {
+                        panel[i].0[j % NR] = data[col + i];
                     }
                 }
             }
@@ -451,12 +493,105 @@ impl PackedWeight {
             for j in from..width {
                 let col = (c0 + j) * cs;
                 let panel = &mut self.rows[(j / NR) * k..][..k];
-                for (i, row) in panel.iter_mut().enumerate() {
-                    row.0[j % NR] = data[col + i * rs];
+                for i in rows.clone() {
+                    panel[i].0[j % NR] = data[col + i * rs];
                 }
             }
         }
-        width
+    }
+}
+
+/// Fills the next panels of a product packed at the call ([`PackedRows::strided_product`])
+/// a slice of input features at a time between the micro-kernel's tiles over the current
+/// ones, so that the weight's reads (rows of a row-major weight 8 KB apart, which the
+/// hardware prefetcher does not follow) overlap the arithmetic instead of stalling it: each
+/// step copies its slice and prefetches the next one's cache lines.
+struct Filler<'a> {
+    panels: &'a mut PackedWeight,
+    b: Stored<'a>,
+    cols: std::ops::Range<usize>,
+    done: usize,
+    step: usize,
+    simd: bool,
+}
+
+impl<'a> Filler<'a> {
+    /// A filler of columns `cols` of `b` into `panels`, in about `steps` steps.
+    fn new(
+        panels: &'a mut PackedWeight,
+        b: Stored<'a>,
+        cols: std::ops::Range<usize>,
+        steps: usize,
+        simd: bool,
+    ) -> Self {
+        panels.clear_tail(cols.len());
+        panels.out = cols.len();
+        let step = panels.inp.div_ceil(steps.max(1)).next_multiple_of(8);
+        let filler = Self {
+            panels,
+            b,
+            cols,
+            done: 0,
+            step,
+            simd,
+        };
+        filler.prefetch(0..step);
+        filler
+    }
+
+    /// Copies the next slice and prefetches the one after it.
+    fn advance(&mut self) {
+        let k = self.panels.inp;
+        if self.done < k {
+            let rows = self.done..(self.done + self.step).min(k);
+            self.prefetch(rows.end..(rows.end + self.step).min(k));
+            self.panels
+                .fill_rows(self.b, self.cols.clone(), rows.clone(), self.simd);
+            self.done = rows.end;
+        }
+    }
+
+    /// Copies what is left.
+    fn finish(mut self) {
+        let k = self.panels.inp;
+        let rows = self.done..k;
+        if !rows.is_empty() {
+            self.panels
+                .fill_rows(self.b, self.cols.clone(), rows, self.simd);
+        }
+        self.done = k;
+    }
+
+    /// Asks for the cache lines of input features `rows` of the columns.
+    fn prefetch(&self, rows: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let (data, rs, cs) = self.b;
+            let line = |at: usize| {
+                if at < data.len() {
+                    // SAFETY: a prefetch of an address inside `data`; it reads nothing.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) }
+                }
+            };
+            let (c0, c1) = (self.cols.start, self.cols.end);
+            if cs == 1 {
+                for i in rows {
+                    (c0..c1)
+                        .step_by(16)
+                        .chain([c1 - 1])
+                        .for_each(|c| line(i * rs + c));
+                }
+            } else if rs == 1 && !rows.is_empty() {
+                for c in c0..c1 {
+                    (rows.start..rows.end)
+                        .step_by(16)
+                        .chain([rows.end - 1])
+                        .for_each(|i| line(c * cs + i));
+                }
+            }
+        }
+        let _ = rows;
     }
 }
 
@@ -602,25 +737,25 @@ mod avx2 {
         }
     }
 
-    /// Rows `0..kb` (a multiple of 8) of a panel from 16 columns of `data`, column `j`'s
-    /// elements contiguous from `start + j * cs`: two 8 x 8 blocks transposed in
-    /// registers per 8 rows.
+    /// Rows `rows` (a range of whole 8-row blocks) of a panel from 16 columns of
+    /// `data`, column `j`'s elements contiguous from `start + j * cs`: two 8 x 8 blocks
+    /// transposed in registers per 8 rows.
     ///
     /// # Safety
     ///
-    /// The CPU has AVX2; `data` holds `kb` elements of each of the 16 columns and
-    /// `panel` at least `kb` rows.
+    /// The CPU has AVX2; `data` holds the first `rows.end` elements of each of the 16
+    /// columns and `panel` at least `rows.end` rows.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn transpose_panel(
         data: &[f32],
         start: usize,
         cs: usize,
-        kb: usize,
+        rows: std::ops::Range<usize>,
         panel: &mut [Row],
     ) {
         let src = data.as_ptr().add(start);
         let dst = panel.as_mut_ptr().cast::<f32>();
-        for i0 in (0..kb).step_by(8) {
+        for i0 in rows.step_by(8) {
             for h in 0..2 {
                 let col = |j: usize| _mm256_loadu_ps(src.add((8 * h + j) * cs + i0));
                 let (r0, r1, r2, r3) = (col(0), col(1), col(2), col(3));
