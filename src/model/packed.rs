@@ -374,7 +374,7 @@ impl PackedRows {
                 out: NR,
                 inp: k,
             };
-            let (mut panels, mut next) = (buffer(), buffer());
+            let mut panels = buffer();
             // Rows in groups of at most ROW_GROUP (whole tiles), each run over every panel:
             // the group's packed rows stay in the L3 cache while the panels pass. Each
             // run fills the next run's panels between its tiles.
@@ -388,7 +388,8 @@ impl PackedRows {
                 .collect();
             // Only a row-major weight's: a column-major one is read down its columns,
             // which the hardware prefetcher follows.
-            let pipelined = b.2 == 1;
+            let pipelined = b.2 == 1 && runs.len() > 1;
+            let mut next = pipelined.then(buffer);
             panels.out = panels.fill_panels(b, cols(runs[0].1), simd);
             for (j, &(i0, g0)) in runs.iter().enumerate() {
                 let count = FILL_PANELS.min(end - g0);
@@ -397,10 +398,10 @@ impl PackedRows {
                 if j > 0 && !pipelined {
                     panels.out = panels.fill_panels(b, cols(g0), simd);
                 }
-                let mut ahead = runs
-                    .get(j + 1)
-                    .filter(|_| pipelined)
-                    .map(|&(_, g1)| Filler::new(&mut next, b, cols(g1), tiles, simd));
+                let mut ahead = match (runs.get(j + 1), next.as_mut()) {
+                    (Some(&(_, g1)), Some(buf)) => Some(Filler::new(buf, b, cols(g1), tiles, simd)),
+                    _ => None,
+                };
                 // SAFETY: `xp` (and `low`'s rows) hold m packed rows, `y` has room for
                 // m x n, and the chunks write disjoint columns.
                 unsafe {
@@ -409,7 +410,9 @@ impl PackedRows {
                 }
                 if let Some(f) = ahead {
                     f.finish();
-                    std::mem::swap(&mut panels, &mut next);
+                }
+                if let Some(buf) = next.as_mut().filter(|_| j + 1 < runs.len()) {
+                    std::mem::swap(&mut panels, buf);
                 }
             }
         });
