@@ -28,72 +28,42 @@ fn walked(t: &Tensor) -> Vec<f32> {
 fn a_broadcast_view_copies_to_the_same_values_as_walking_its_layout() {
     let dev = Device::Cpu;
     let base = Tensor::arange(0f32, 12.0, &dev).unwrap();
+    // `len` elements of `base` from `start`, shaped `shape`, broadcast to `to`.
+    let view = |start: usize, len: usize, shape: &[usize], to: &[usize]| {
+        let t = base.narrow(0, start, len).unwrap().reshape(shape).unwrap();
+        t.broadcast_as(to).unwrap()
+    };
+    let scalar = Tensor::new(7.5f32, &dev).unwrap();
+    // [2, 3] transposed (strides 1, 2), two inner dims of size 1 to broadcast.
+    let transposed = base
+        .narrow(0, 0, 6)
+        .unwrap()
+        .reshape((3, 2))
+        .unwrap()
+        .t()
+        .unwrap();
+    let transposed = transposed.unsqueeze(2).unwrap().unsqueeze(3).unwrap();
+    let empty = Tensor::zeros((0, 1), DType::F32, &dev).unwrap();
     let cases: Vec<(&str, Tensor)> = vec![
         (
             "scalar over [4, 3, 5]",
-            Tensor::new(7.5f32, &dev)
-                .unwrap()
-                .broadcast_as((4, 3, 5))
-                .unwrap(),
+            scalar.broadcast_as((4, 3, 5)).unwrap(),
+        ),
+        ("column [3, 1] over [3, 4]", view(0, 3, &[3, 1], &[3, 4])),
+        (
+            "row [1, 4] over [3, 4], inner dim not broadcast",
+            view(0, 4, &[1, 4], &[3, 4]),
         ),
         (
-            "column [3, 1] over [3, 4]",
-            base.narrow(0, 0, 3)
-                .unwrap()
-                .reshape((3, 1))
-                .unwrap()
-                .broadcast_as((3, 4))
-                .unwrap(),
+            "transposed [2, 3, 1, 1] over [2, 3, 4, 5]",
+            transposed.broadcast_as((2, 3, 4, 5)).unwrap(),
         ),
+        ("offset [4, 1] over [4, 6]", view(5, 4, &[4, 1], &[4, 6])),
         (
-            "row [1, 4] over [3, 4] (inner dim not broadcast)",
-            base.narrow(0, 0, 4)
-                .unwrap()
-                .reshape((1, 4))
-                .unwrap()
-                .broadcast_as((3, 4))
-                .unwrap(),
+            "middle [2, 1, 3] over [2, 5, 3]",
+            view(0, 6, &[2, 1, 3], &[2, 5, 3]),
         ),
-        (
-            "transposed [2, 3] with two broadcast inner dims",
-            base.narrow(0, 0, 6)
-                .unwrap()
-                .reshape((3, 2))
-                .unwrap()
-                .t()
-                .unwrap()
-                .unsqueeze(2)
-                .unwrap()
-                .unsqueeze(3)
-                .unwrap()
-                .broadcast_as((2, 3, 4, 5))
-                .unwrap(),
-        ),
-        (
-            "offset view [4, 1] over [4, 6]",
-            base.narrow(0, 5, 4)
-                .unwrap()
-                .unsqueeze(1)
-                .unwrap()
-                .broadcast_as((4, 6))
-                .unwrap(),
-        ),
-        (
-            "middle broadcast [2, 1, 3] over [2, 5, 3]",
-            base.narrow(0, 0, 6)
-                .unwrap()
-                .reshape((2, 1, 3))
-                .unwrap()
-                .broadcast_as((2, 5, 3))
-                .unwrap(),
-        ),
-        (
-            "empty outer dim",
-            Tensor::zeros((0, 1), DType::F32, &dev)
-                .unwrap()
-                .broadcast_as((0, 5))
-                .unwrap(),
-        ),
+        ("empty outer dim", empty.broadcast_as((0, 5)).unwrap()),
     ];
     for (name, view) in cases {
         let want = walked(&view);
