@@ -508,7 +508,8 @@ impl PackedWeight {
 /// a slice of input features at a time between the micro-kernel's tiles over the current
 /// ones, so that the weight's reads (rows of a row-major weight 8 KB apart, which the
 /// hardware prefetcher does not follow) overlap the arithmetic instead of stalling it: each
-/// step copies its slice and prefetches the next one's cache lines.
+/// step copies its slice and prefetches the next one's cache lines. Row-major weights
+/// only (a column-major one's columns are read in the hardware prefetcher's order).
 struct Filler<'a> {
     panels: &'a mut PackedWeight,
     b: Stored<'a>,
@@ -555,14 +556,11 @@ impl<'a> Filler<'a> {
     }
 
     /// Copies what is left.
-    fn finish(mut self) {
-        let k = self.panels.inp;
-        let rows = self.done..k;
+    fn finish(self) {
+        let rows = self.done..self.panels.inp;
         if !rows.is_empty() {
-            self.panels
-                .fill_rows(self.b, self.cols.clone(), rows, self.simd);
+            self.panels.fill_rows(self.b, self.cols, rows, self.simd);
         }
-        self.done = k;
     }
 
     /// Asks for the cache lines of input features `rows` of the columns.
@@ -577,21 +575,14 @@ impl<'a> Filler<'a> {
                     unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast()) }
                 }
             };
+            // A row-major weight's (the only one filled this way): each row's columns.
             let (c0, c1) = (self.cols.start, self.cols.end);
-            if cs == 1 {
-                for i in rows {
-                    (c0..c1)
-                        .step_by(16)
-                        .chain([c1 - 1])
-                        .for_each(|c| line(i * rs + c));
-                }
-            } else if rs == 1 && !rows.is_empty() {
-                for c in c0..c1 {
-                    (rows.start..rows.end)
-                        .step_by(16)
-                        .chain([rows.end - 1])
-                        .for_each(|i| line(c * cs + i));
-                }
+            debug_assert_eq!(cs, 1);
+            for i in rows.clone() {
+                (c0..c1)
+                    .step_by(16)
+                    .chain([c1 - 1])
+                    .for_each(|c| line(i * rs + c));
             }
         }
         let _ = rows;
