@@ -79,7 +79,7 @@ fn a_broadcast_view_copies_to_the_same_values_as_walking_its_layout() {
 }
 
 #[test]
-fn the_gradient_of_a_sum_reaches_its_input_as_ones() {
+fn the_gradient_of_a_scaled_sum_reaches_its_input_as_the_scale() {
     // A `sum`'s backward hands its input a broadcast of one value: the path patched above.
     let x = candle_core::Var::from_tensor(&Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap())
         .unwrap();
