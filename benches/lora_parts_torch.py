@@ -23,6 +23,8 @@ x = randn(4, 128, 2048, grad=True)
 w = randn(2048, 2048)
 a, b = randn(16, 2048, grad=True), randn(2048, 16, grad=True)
 x2, g = x.detach().reshape(512, 2048), torch.randn(512, 2048)
+a2, b2 = a.detach(), b.detach()
+t, u = x2 @ a2.t(), g @ b2
 
 
 def lora(x, w, a, b, scale=2.0):
@@ -51,6 +53,10 @@ parts = [
     ("layer forward (no_grad)", forward_no_grad),
     ("base product x W^T", lambda: x2 @ w.t()),
     ("base product g W (backward)", lambda: g @ w),
+    ("rank product t = x A^T", lambda: x2 @ a2.t()),
+    ("rank product u = g B", lambda: g @ b2),
+    ("gradient dA = u^T x", lambda: u.t() @ x2),
+    ("gradient dB = g^T t", lambda: g.t() @ t),
 ]
 best = [float("inf")] * len(parts)
 for f in (f for _, f in parts):

@@ -1,10 +1,10 @@
 //! Times the parts of one LoRA layer's training step on the CPU (d 2048, r 16, input
 //! `[4, 128, 2048]`, the `lora_fwd_bwd_d2048_r16` case of `benches/lora.rs`): the whole
 //! forward + backward through candle's graph, the forward alone, the fused kernels'
-//! forward and backward, the bare base products in both layouts, and packing the weight
-//! for training's product (a product over 6 rows, which is little else). Prints the
-//! fastest of N calls of each, the parts in turns so a machine's slow phases touch all
-//! of them.
+//! forward and backward, the bare base products in both layouts, the rank's products and
+//! the adapter's gradients, and packing the weight for training's product (a product
+//! over 6 rows, which is little else). Prints the fastest of N calls of each, the parts
+//! in turns so a machine's slow phases touch all of them.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release --example lora_parts -- [N]` (default 10)
 
@@ -49,7 +49,10 @@ fn main() {
     layer.set_lora(Some(branch)).unwrap();
     let x2 = x.reshape((m, d)).unwrap().detach();
     let g = randn(&[m, d]);
-    let (ws, xs) = (flat(&w), flat(&x2));
+    let (ws, xs, gs) = (flat(&w), flat(&x2), flat(&g));
+    let (as_, bs) = (flat(&a), flat(&b));
+    let t = fused_cpu::linear(&xs, &as_, (m, r, d));
+    let u = fused_cpu::matmul_new((m, r, d), (&gs, d, 1), (&bs, r, 1));
     let weight = Weight::Tensor(w.clone());
 
     let parts: Vec<Part> = vec![
@@ -82,6 +85,22 @@ fn main() {
         (
             "base product g W (backward)",
             Box::new(|| drop(fused_cpu::linear_input_grad(&g, &w).unwrap())),
+        ),
+        (
+            "rank product t = x A^T",
+            Box::new(|| drop(fused_cpu::linear(&xs, &as_, (m, r, d)))),
+        ),
+        (
+            "rank product u = g B",
+            Box::new(|| drop(fused_cpu::matmul_new((m, r, d), (&gs, d, 1), (&bs, r, 1)))),
+        ),
+        (
+            "gradient dA = u^T x",
+            Box::new(|| drop(fused_cpu::matmul_new((r, d, m), (&u, 1, r), (&xs, d, 1)))),
+        ),
+        (
+            "gradient dB = g^T t",
+            Box::new(|| drop(fused_cpu::matmul_new((d, r, m), (&gs, 1, d), (&t, r, 1)))),
         ),
         (
             "packing W for x W^T (6 rows)",

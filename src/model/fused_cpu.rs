@@ -1170,6 +1170,9 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
         "matmul: rhs too short"
     );
+    if transposes_rhs((m, n, k), rhs) {
+        return transposing_product((m, n, k), lhs, rhs);
+    }
     let mut dst = Vec::<f32>::with_capacity(m * n);
     // Each thread takes a block of columns with a single-threaded gemm: at these sizes
     // that beats gemm's own split, most of all for few rows (1.3-1.6x at 128 rows;
@@ -1228,6 +1231,90 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         .into_par_iter()
         .for_each(block);
     // SAFETY: every element was written above (the blocks cover rows 0..m or columns
+    // 0..n).
+    unsafe { dst.set_len(m * n) };
+    dst
+}
+
+/// Whether [`matmul_new`] transposes `rhs` before gemm's product
+/// ([`transposing_product`]): a column-major `rhs` (a linear layer's `x W^T` with `W`
+/// `[n, k]` row-major as loaded, training's layout) of at least [`TRANSPOSE_MIN`] rows
+/// and columns, for at least 48 rows of `lhs` (fewer, and gemm reads `rhs` unpacked),
+/// where the CPU transposes in registers. gemm packs such an operand element by element
+/// down 8 KB strides: at 512 x 2048 x 2048 its product took 25.4 ms against 20.1 ms for
+/// the same product with `rhs` row-major (BENCHMARKS.md, "Session 15").
+fn transposes_rhs((m, n, k): (usize, usize, usize), rhs: Operand) -> bool {
+    rhs.1 == 1 && m >= 48 && n >= TRANSPOSE_MIN && k >= TRANSPOSE_MIN && packed::fast_transpose()
+}
+
+/// Rows and columns a column-major `rhs` has at least for [`transposing_product`].
+const TRANSPOSE_MIN: usize = 256;
+
+/// Input features a slice of [`transposing_product`] transposes at a time, and the most
+/// columns a block of it takes: 1 MB of `rhs` row-major, which stays in the core's L2
+/// while gemm packs it.
+const TRANSPOSE_KC: usize = 256;
+const TRANSPOSE_NB: usize = 1024;
+
+/// [`matmul_new`] for a column-major `rhs` ([`transposes_rhs`]): blocks of at most
+/// [`TRANSPOSE_NB`] columns over rayon's threads, each running through the input features
+/// [`TRANSPOSE_KC`] at a time, the slice of `rhs` transposed to row-major in registers
+/// ([`packed::transpose_into`]) and multiplied in by a single-threaded gemm that adds to
+/// the block (the first slice sets it).
+fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    let threads = rayon::current_num_threads();
+    let width = n
+        .div_ceil(threads)
+        .next_multiple_of(16)
+        .min(TRANSPOSE_NB)
+        .min(n);
+    let out = SendPtr(dst.as_mut_ptr());
+    let block = |start: usize| {
+        let len = width.min(n - start);
+        let mut slice = vec![0f32; TRANSPOSE_KC.min(k) * len];
+        for c in (0..k).step_by(TRANSPOSE_KC) {
+            let kc = TRANSPOSE_KC.min(k - c);
+            // rhs is column-major: its columns are the rows of a row-major matrix of
+            // row stride rhs.2.
+            packed::transpose_into(rhs.0, rhs.2, start..start + len, c..c + kc, &mut slice);
+            // SAFETY: matmul_new's asserts keep the reads of lhs (columns c..c + kc of
+            // its m rows) inside its slice; `slice` holds kc x len elements at row
+            // stride len; `dst` has room for the m x n result at row stride n and the
+            // blocks write disjoint columns. The first slice runs with `read_dst` false,
+            // which overwrites every element of the block (as in matmul_new), so the
+            // later ones add to initialised values and `set_len` below is sound.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    len,
+                    kc,
+                    out.get().add(start),
+                    1,
+                    n as isize,
+                    c > 0,
+                    lhs.0.as_ptr().add(c * lhs.2),
+                    lhs.2 as isize,
+                    lhs.1 as isize,
+                    slice.as_ptr(),
+                    1,
+                    len as isize,
+                    if c > 0 { 1.0 } else { 0.0 },
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        }
+    };
+    (0..n)
+        .step_by(width)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .for_each(block);
+    // SAFETY: every block's elements were written above (the blocks cover columns
     // 0..n).
     unsafe { dst.set_len(m * n) };
     dst
@@ -1973,6 +2060,63 @@ mod tests {
                 for (e, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (*g as f64 - w).abs() < 1e-3,
+                        "{m}x{n}x{k} on {threads} threads, element {e}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_new_transposes_a_column_major_rhs_and_matches_a_plain_product() {
+        // rhs column-major (a weight [n, k] as loaded, for x W^T): slices of 256 input
+        // features with a ragged last one, blocks of 1,024 columns with a ragged last
+        // one, columns not a multiple of 8; and a shape just under the threshold.
+        for (m, n, k) in [
+            (70, 300, 530),
+            (50, 1100, 256),
+            (48, 257, 263),
+            (47, 300, 300),
+        ] {
+            assert_eq!(
+                transposes_rhs((m, n, k), (&[], 1, k)),
+                m >= 48 && packed::fast_transpose()
+            );
+            let lhs: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
+                .collect();
+            // Element (p, j) of rhs at j * k + p.
+            let rhs: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
+                .collect();
+            let want: Vec<f64> = (0..m * n)
+                .map(|e| {
+                    let (i, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|p| lhs[i * k + p] as f64 * rhs[j * k + p] as f64)
+                        .sum()
+                })
+                .collect();
+            let mut first = None;
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| matmul_new((m, n, k), (&lhs, k, 1), (&rhs, 1, k)));
+                assert_eq!(got.len(), m * n);
+                // Same bits on every thread count (invariant 11): only the columns'
+                // split changes.
+                let first = first.get_or_insert_with(|| got.clone());
+                assert!(
+                    got.iter()
+                        .zip(first.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{n}x{k}: {threads} threads gave other bits than 1"
+                );
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-3 * w.abs().max(1.0),
                         "{m}x{n}x{k} on {threads} threads, element {e}: {g} vs {w}"
                     );
                 }

@@ -29,8 +29,12 @@
 //! AVX-512 (where gemm's AVX-512 kernels do twice the work an instruction; no AVX-512
 //! kernel here yet; [`packing_pays`]). Elsewhere the weight keeps the transposed layout
 //! gemm reads ([`crate::model::frozen::FrozenLinear::store_for_inference`] decides).
+//! The 8 x 8 register transpose that fills the panels also serves gemm's products on AMD
+//! CPUs (`transpose_into`, `fast_transpose`): training's forward weight, column-major
+//! as gemm sees it, transposed a slice at a time before gemm multiplies it in.
 
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -752,33 +756,95 @@ mod avx2 {
         for i0 in rows.step_by(8) {
             for h in 0..2 {
                 let col = |j: usize| _mm256_loadu_ps(src.add((8 * h + j) * cs + i0));
-                let (r0, r1, r2, r3) = (col(0), col(1), col(2), col(3));
-                let (r4, r5, r6, r7) = (col(4), col(5), col(6), col(7));
-                let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-                let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-                let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-                let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let out = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
+                let out = transpose8([
+                    col(0),
+                    col(1),
+                    col(2),
+                    col(3),
+                    col(4),
+                    col(5),
+                    col(6),
+                    col(7),
+                ]);
                 for (ii, v) in out.into_iter().enumerate() {
                     // Row i0 + ii, columns 8h..8h + 8: 32-byte aligned in a 64-byte row.
                     _mm256_store_ps(dst.add((i0 + ii) * NR + 8 * h), v);
+                }
+            }
+        }
+    }
+
+    /// The transpose of the 8 x 8 block whose rows are `r`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let (t0, t1) = (
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+        );
+        let (t2, t3) = (
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+        );
+        let (t4, t5) = (
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+        );
+        let (t6, t7) = (
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        );
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// `dst[kk * dst_ld + j] = src[j * ld + kk]` for `j < rows` and `kk < cols`, both
+    /// multiples of 8: 8 x 8 blocks transposed in registers, a row of `dst` written
+    /// contiguously per sweep.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2; `src` is readable at every `j * ld + kk` and `dst` writable at
+    /// every `kk * dst_ld + j` above.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose_block(
+        src: *const f32,
+        ld: usize,
+        (rows, cols): (usize, usize),
+        dst: *mut f32,
+        dst_ld: usize,
+    ) {
+        for kk0 in (0..cols).step_by(8) {
+            for j0 in (0..rows).step_by(8) {
+                let row = |jj: usize| _mm256_loadu_ps(src.add((j0 + jj) * ld + kk0));
+                let out = transpose8([
+                    row(0),
+                    row(1),
+                    row(2),
+                    row(3),
+                    row(4),
+                    row(5),
+                    row(6),
+                    row(7),
+                ]);
+                for (ii, v) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(dst.add((kk0 + ii) * dst_ld + j0), v);
                 }
             }
         }
@@ -835,6 +901,74 @@ pub fn packing_pays() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Whether transposing a column-major operand before gemm's product pays on this CPU
+/// (`fused_cpu::matmul_new`): an AMD CPU with AVX2, where [`transpose_into`] runs in
+/// registers. Measured on a Zen 4 (AVX-512, where gemm serves training's products):
+/// 1.17-1.19x gemm's own packing at 512 x 2048 x 2048, 1.03-1.04x at 512 and 1,408
+/// features. On an Intel Xeon (AVX-512) gemm packed such an operand as fast as a
+/// row-major one, and the transposing product ran 0.90-1.0x: Intel CPUs keep gemm's
+/// packing (BENCHMARKS.md, "Session 15").
+pub(crate) fn fast_transpose() -> bool {
+    static AMD_WITH_AVX2: OnceLock<bool> = OnceLock::new();
+    *AMD_WITH_AVX2.get_or_init(|| simd_available() && amd())
+}
+
+/// Whether the CPU's vendor is AMD (`cpuid` leaf 0).
+fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"AuthenticAMD")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rows `rows` and columns `cols` of the row-major `w` (row stride `ld`) transposed into
+/// the row-major `t` `[cols.len(), rows.len()]`: `t[kk * nb + j] = w[(rows.start + j) *
+/// ld + cols.start + kk]`. 8 x 8 blocks in AVX2 registers where the CPU has it, the
+/// edges element by element.
+pub(crate) fn transpose_into(
+    w: &[f32],
+    ld: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    t: &mut [f32],
+) {
+    let (nb, kc) = (rows.len(), cols.len());
+    if nb == 0 || kc == 0 {
+        return;
+    }
+    assert!(t.len() >= nb * kc, "packed: transpose target too short");
+    assert!(
+        (rows.end - 1) * ld + cols.end <= w.len(),
+        "packed: transpose source too short"
+    );
+    let at = |j: usize, kk: usize| w[(rows.start + j) * ld + cols.start + kk];
+    let (mut jb, mut kb) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        (jb, kb) = (nb - nb % 8, kc - kc % 8);
+        // SAFETY: AVX2 is available; the reads stay below `(rows.end - 1) * ld +
+        // cols.end <= w.len()` and the writes below `kc * nb <= t.len()` (asserted).
+        unsafe {
+            let src = w.as_ptr().add(rows.start * ld + cols.start);
+            avx2::transpose_block(src, ld, (jb, kb), t.as_mut_ptr(), nb)
+        }
+    }
+    for kk in 0..kc {
+        let from = if kk < kb { jb } else { 0 };
+        for j in from..nb {
+            t[kk * nb + j] = at(j, kk);
+        }
     }
 }
 
@@ -1005,6 +1139,29 @@ mod tests {
                 same_bits(&plain, &small),
                 "{m}x{n}x{k}: times_small differs"
             );
+        }
+    }
+
+    #[test]
+    fn transpose_into_copies_every_element_of_ragged_ranges() {
+        // Whole 8 x 8 blocks and edges both ways, a range not at the matrix's origin.
+        let (r, c) = (43, 61);
+        let w: Vec<f32> = (0..r * c).map(|e| e as f32).collect();
+        for (rows, cols) in [
+            (3..43, 5..61),
+            (0..16, 0..24),
+            (8..15, 0..7),
+            (0..43, 0..61),
+        ] {
+            let (nb, kc) = (rows.len(), cols.len());
+            let mut t = vec![f32::NAN; nb * kc];
+            transpose_into(&w, c, rows.clone(), cols.clone(), &mut t);
+            for kk in 0..kc {
+                for j in 0..nb {
+                    let want = w[(rows.start + j) * c + cols.start + kk];
+                    assert_eq!(t[kk * nb + j], want, "{rows:?} {cols:?} ({kk}, {j})");
+                }
+            }
         }
     }
 
