@@ -1173,7 +1173,6 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
     if transposes_rhs((m, n, k), rhs) {
         return transposing_product((m, n, k), lhs, rhs);
     }
-    let mut dst = Vec::<f32>::with_capacity(m * n);
     // Each thread takes a block of columns with a single-threaded gemm: at these sizes
     // that beats gemm's own split, most of all for few rows (1.3-1.6x at 128 rows;
     // BENCHMARKS.md, "train (CPU)"). Too few columns for every thread (a LoRA rank, say)
@@ -1186,8 +1185,7 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
     } else {
         (n, n.div_ceil(threads).next_multiple_of(16).min(n))
     };
-    let out = SendPtr(dst.as_mut_ptr());
-    let block = |start: usize| {
+    let block = |out: SendPtr, start: usize| {
         let len = width.min(blocks - start);
         let ((rows, cols), dst_at, lhs_at, rhs_at) = if by_rows {
             ((len, n), start * n, start * lhs.1, 0)
@@ -1199,40 +1197,43 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         // room for the m x n result at row stride n; the blocks write disjoint rows or
         // columns. With `read_dst` false gemm sets alpha to zero and then, on every path
         // (micro-kernels, gemv; k = 0 is excluded above), overwrites each element of its
-        // block without reading it, so all m * n elements are initialised when `set_len`
-        // runs.
+        // block without reading it, so all m * n elements are initialised when
+        // `par_blocks` returns.
         unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                k,
-                out.get().add(dst_at),
-                1,
-                n as isize,
+            serial_gemm(
+                (rows, cols, k),
+                (out.get().add(dst_at), n),
                 false,
-                lhs.0.as_ptr().add(lhs_at),
-                lhs.2 as isize,
-                lhs.1 as isize,
-                rhs.0.as_ptr().add(rhs_at),
-                rhs.2 as isize,
-                rhs.1 as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (lhs.0.as_ptr().add(lhs_at), lhs.1, lhs.2),
+                (rhs.0.as_ptr().add(rhs_at), rhs.1, rhs.2),
             )
         }
     };
-    (0..blocks)
+    // SAFETY: the blocks cover rows 0..m or columns 0..n, each written once (above).
+    unsafe { par_blocks(m * n, (blocks, width), block) }
+}
+
+/// A new `len`-element buffer that `block(out, start)` fills for each `start` of
+/// `(0..end).step_by(width)` on rayon's threads, writing through `out`, the buffer's
+/// start.
+///
+/// # Safety
+///
+/// The blocks together write every one of the `len` elements, each once, and nothing
+/// outside them.
+unsafe fn par_blocks(
+    len: usize,
+    (end, width): (usize, usize),
+    block: impl Fn(SendPtr, usize) + Sync,
+) -> Vec<f32> {
+    let mut dst = Vec::<f32>::with_capacity(len);
+    let out = SendPtr(dst.as_mut_ptr());
+    (0..end)
         .step_by(width)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .for_each(block);
-    // SAFETY: every element was written above (the blocks cover rows 0..m or columns
-    // 0..n).
-    unsafe { dst.set_len(m * n) };
+        .for_each(|start| block(out, start));
+    dst.set_len(len);
     dst
 }
 
@@ -1262,15 +1263,13 @@ const TRANSPOSE_NB: usize = 1024;
 /// ([`packed::transpose_into`]) and multiplied in by a single-threaded gemm that adds to
 /// the block (the first slice sets it).
 fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
-    let mut dst = Vec::<f32>::with_capacity(m * n);
     let threads = rayon::current_num_threads();
     let width = n
         .div_ceil(threads)
         .next_multiple_of(16)
         .min(TRANSPOSE_NB)
         .min(n);
-    let out = SendPtr(dst.as_mut_ptr());
-    let block = |start: usize| {
+    let block = |out: SendPtr, start: usize| {
         let len = width.min(n - start);
         let mut slice = vec![0f32; TRANSPOSE_KC.min(k) * len];
         for c in (0..k).step_by(TRANSPOSE_KC) {
@@ -1283,41 +1282,59 @@ fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Oper
             // stride len; `dst` has room for the m x n result at row stride n and the
             // blocks write disjoint columns. The first slice runs with `read_dst` false,
             // which overwrites every element of the block (as in matmul_new), so the
-            // later ones add to initialised values and `set_len` below is sound.
+            // later ones add to initialised values and `par_blocks` returns them set.
             unsafe {
-                gemm::gemm(
-                    m,
-                    len,
-                    kc,
-                    out.get().add(start),
-                    1,
-                    n as isize,
+                serial_gemm(
+                    (m, len, kc),
+                    (out.get().add(start), n),
                     c > 0,
-                    lhs.0.as_ptr().add(c * lhs.2),
-                    lhs.2 as isize,
-                    lhs.1 as isize,
-                    slice.as_ptr(),
-                    1,
-                    len as isize,
-                    if c > 0 { 1.0 } else { 0.0 },
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (lhs.0.as_ptr().add(c * lhs.2), lhs.1, lhs.2),
+                    (slice.as_ptr(), len, 1),
                 )
             }
         }
     };
-    (0..n)
-        .step_by(width)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .for_each(block);
-    // SAFETY: every block's elements were written above (the blocks cover columns
-    // 0..n).
-    unsafe { dst.set_len(m * n) };
-    dst
+    // SAFETY: the blocks cover columns 0..n, each written once (above).
+    unsafe { par_blocks(m * n, (n, width), block) }
+}
+
+/// One single-threaded gemm call: `dst = lhs * rhs`, or `dst += lhs * rhs` when
+/// `read_dst`, for `m x n` `dst` row-major at row stride `dst.1` and the operands given
+/// as (pointer, row stride, column stride).
+///
+/// # Safety
+///
+/// Every element `(i, j)` of `dst`, `(i, p)` of `lhs` and `(p, j)` of `rhs` at those
+/// strides is in bounds, and nothing else accesses `dst`'s elements meanwhile; with
+/// `read_dst` they are initialised (without it gemm overwrites each one unread).
+unsafe fn serial_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize),
+    read_dst: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1 as isize,
+        read_dst,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        if read_dst { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// Columns a thread's block of [`matmul_new`] has at least.
@@ -2030,40 +2047,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn matmul_new_splits_by_columns_or_rows_and_matches_a_plain_product() {
-        // Wide (column blocks), thin with many rows (row blocks: a LoRA rank), thin with
-        // few rows (one block), odd sizes; lhs transposed through its strides.
-        for (m, n, k) in [(130, 300, 17), (700, 8, 33), (20, 5, 9), (257, 65, 64)] {
-            let lhs: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
-                .collect();
-            let rhs: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
-                .collect();
-            let want: Vec<f64> = (0..m * n)
-                .map(|e| {
-                    let (i, j) = (e / n, e % n);
-                    (0..k)
-                        .map(|p| lhs[p * m + i] as f64 * rhs[p * n + j] as f64)
-                        .sum()
-                })
-                .collect();
-            for threads in [1, 2, 3] {
+    /// [`matmul_new`] on 1, 2 and 3 threads, each result checked against an f64
+    /// product; `lhs` `m x k` and `rhs` `k x n` are patterned data laid out by the given
+    /// (row, column) strides. Returns the results in thread-count order.
+    fn matmul_new_on_threads(
+        (m, n, k): (usize, usize, usize),
+        (lrs, lcs): (usize, usize),
+        (rrs, rcs): (usize, usize),
+    ) -> Vec<Vec<f32>> {
+        let lhs: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
+            .collect();
+        let rhs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
+            .collect();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k)
+                    .map(|p| lhs[i * lrs + p * lcs] as f64 * rhs[p * rrs + j * rcs] as f64)
+                    .sum()
+            })
+            .collect();
+        [1, 2, 3]
+            .map(|threads| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                // lhs stored k x m: element (i, p) at p * m + i.
-                let got = pool.install(|| matmul_new((m, n, k), (&lhs, 1, m), (&rhs, n, 1)));
+                let got =
+                    pool.install(|| matmul_new((m, n, k), (&lhs, lrs, lcs), (&rhs, rrs, rcs)));
                 assert_eq!(got.len(), m * n);
                 for (e, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
-                        (*g as f64 - w).abs() < 1e-3,
+                        (*g as f64 - w).abs() < 1e-3 * w.abs().max(1.0),
                         "{m}x{n}x{k} on {threads} threads, element {e}: {g} vs {w}"
                     );
                 }
-            }
+                got
+            })
+            .to_vec()
+    }
+
+    #[test]
+    fn matmul_new_splits_by_columns_or_rows_and_matches_a_plain_product() {
+        // Wide (column blocks), thin with many rows (row blocks: a LoRA rank), thin with
+        // few rows (one block), odd sizes; lhs stored k x m (transposed through its
+        // strides).
+        for (m, n, k) in [(130, 300, 17), (700, 8, 33), (20, 5, 9), (257, 65, 64)] {
+            matmul_new_on_threads((m, n, k), (1, m), (n, 1));
         }
     }
 
@@ -2082,44 +2114,17 @@ mod tests {
                 transposes_rhs((m, n, k), (&[], 1, k)),
                 m >= 48 && packed::fast_transpose()
             );
-            let lhs: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
-                .collect();
-            // Element (p, j) of rhs at j * k + p.
-            let rhs: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
-                .collect();
-            let want: Vec<f64> = (0..m * n)
-                .map(|e| {
-                    let (i, j) = (e / n, e % n);
-                    (0..k)
-                        .map(|p| lhs[i * k + p] as f64 * rhs[j * k + p] as f64)
-                        .sum()
-                })
-                .collect();
-            let mut first = None;
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let got = pool.install(|| matmul_new((m, n, k), (&lhs, k, 1), (&rhs, 1, k)));
-                assert_eq!(got.len(), m * n);
-                // Same bits on every thread count (invariant 11): only the columns'
-                // split changes.
-                let first = first.get_or_insert_with(|| got.clone());
+            let runs = matmul_new_on_threads((m, n, k), (k, 1), (1, k));
+            // Same bits on every thread count (invariant 11): only the columns' split
+            // changes.
+            for (threads, got) in runs.iter().enumerate().skip(1) {
                 assert!(
                     got.iter()
-                        .zip(first.iter())
+                        .zip(&runs[0])
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{n}x{k}: {threads} threads gave other bits than 1"
+                    "{m}x{n}x{k}: {} threads gave other bits than 1",
+                    threads + 1
                 );
-                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-3 * w.abs().max(1.0),
-                        "{m}x{n}x{k} on {threads} threads, element {e}: {g} vs {w}"
-                    );
-                }
             }
         }
     }
