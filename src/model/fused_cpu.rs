@@ -2050,10 +2050,12 @@ mod tests {
         }
     }
 
-    /// [`matmul_new`] on 1, 2 and 3 threads, each result checked against an f64
-    /// product; `lhs` `m x k` and `rhs` `k x n` are patterned data laid out by the given
-    /// (row, column) strides. Returns the results in thread-count order.
-    fn matmul_new_on_threads(
+    /// A product (`matmul_new` or one of its paths) on 1, 2 and 3 threads, each result
+    /// checked against an f64 product; `lhs` `m x k` and `rhs` `k x n` are patterned
+    /// data laid out by the given (row, column) strides. Returns the results in
+    /// thread-count order.
+    fn product_on_threads(
+        product: fn((usize, usize, usize), Operand, Operand) -> Vec<f32>,
         (m, n, k): (usize, usize, usize),
         (lrs, lcs): (usize, usize),
         (rrs, rcs): (usize, usize),
@@ -2078,8 +2080,7 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                let got =
-                    pool.install(|| matmul_new((m, n, k), (&lhs, lrs, lcs), (&rhs, rrs, rcs)));
+                let got = pool.install(|| product((m, n, k), (&lhs, lrs, lcs), (&rhs, rrs, rcs)));
                 assert_eq!(got.len(), m * n);
                 for (e, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
@@ -2098,7 +2099,7 @@ mod tests {
         // few rows (one block), odd sizes; lhs stored k x m (transposed through its
         // strides).
         for (m, n, k) in [(130, 300, 17), (700, 8, 33), (20, 5, 9), (257, 65, 64)] {
-            matmul_new_on_threads((m, n, k), (1, m), (n, 1));
+            product_on_threads(matmul_new, (m, n, k), (1, m), (n, 1));
         }
     }
 
@@ -2106,7 +2107,9 @@ mod tests {
     fn matmul_new_transposes_a_column_major_rhs_and_matches_a_plain_product() {
         // rhs column-major (a weight [n, k] as loaded, for x W^T): slices of 256 input
         // features with a ragged last one, blocks of 1,024 columns with a ragged last
-        // one, columns not a multiple of 8; and a shape just under the threshold.
+        // one, columns not a multiple of 8; and a shape just under the threshold. The
+        // transposing product runs on every CPU (its scalar transpose where there is no
+        // AVX2), and through matmul_new where that picks it.
         for (m, n, k) in [
             (70, 300, 530),
             (50, 1100, 256),
@@ -2117,17 +2120,19 @@ mod tests {
                 transposes_rhs((m, n, k), (&[], 1, k)),
                 m >= 48 && packed::fast_transpose()
             );
-            let runs = matmul_new_on_threads((m, n, k), (k, 1), (1, k));
-            // Same bits on every thread count (invariant 11): only the columns' split
-            // changes.
-            for (threads, got) in runs.iter().enumerate().skip(1) {
-                assert!(
-                    got.iter()
-                        .zip(&runs[0])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{n}x{k}: {} threads gave other bits than 1",
-                    threads + 1
-                );
+            for product in [transposing_product, matmul_new] {
+                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
+                // Same bits on every thread count (invariant 11): only the columns'
+                // split changes.
+                for (threads, got) in runs.iter().enumerate().skip(1) {
+                    assert!(
+                        got.iter()
+                            .zip(&runs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{m}x{n}x{k}: {} threads gave other bits than 1",
+                        threads + 1
+                    );
+                }
             }
         }
     }

@@ -908,9 +908,10 @@ pub fn packing_pays() -> bool {
 /// (`fused_cpu::matmul_new`): an AMD CPU with AVX2, where [`transpose_into`] runs in
 /// registers. Measured on a Zen 4 (AVX-512, where gemm serves training's products):
 /// 1.17-1.19x gemm's own packing at 512 x 2048 x 2048, 1.03-1.04x at 512 and 1,408
-/// features. On an Intel Xeon (AVX-512) gemm packed such an operand as fast as a
-/// row-major one, and the transposing product ran 0.90-1.0x: Intel CPUs keep gemm's
-/// packing (BENCHMARKS.md, "Session 15").
+/// features. On an Intel Xeon (AVX-512) gemm's product with such an operand was within
+/// 10 % of the row-major one, and the transposing product showed no gain (0.88-1.29x
+/// over two pairs in a swinging phase): Intel CPUs keep gemm's packing (BENCHMARKS.md,
+/// "Session 15").
 pub(crate) fn fast_transpose() -> bool {
     static AMD_WITH_AVX2: OnceLock<bool> = OnceLock::new();
     *AMD_WITH_AVX2.get_or_init(|| simd_available() && amd())
