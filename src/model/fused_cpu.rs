@@ -1170,6 +1170,9 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
         "matmul: rhs too short"
     );
+    if transposes_output((m, n, k), lhs, rhs) {
+        return transposed_product((m, n, k), lhs, rhs);
+    }
     if transposes_rhs((m, n, k), rhs) {
         return transposing_product((m, n, k), lhs, rhs);
     }
@@ -1235,6 +1238,75 @@ unsafe fn par_blocks(
         .for_each(|start| block(out, start));
     dst.set_len(len);
     dst
+}
+
+/// Whether [`matmul_new`] computes `lhs rhs` as the transpose of `rhs^T lhs^T`
+/// ([`transposed_product`]): a column-major `rhs` (a weight `W` `[n, k]` as loaded, so
+/// the product is a linear layer's `x W^T`, training's layout), a row-major `lhs` of more
+/// than 64 rows, a CPU with AVX2 for the transposes, and a weight large beside the rows:
+/// `n k > m (2 k + n)`. That weighs gemm's packing of `W` down its columns (`n k`
+/// elements, gathered 64 rows at a time) against what the other way adds on two threads
+/// (`x` transposed and packed by each thread, `2 m k`, and the result's transpose,
+/// `m n`). Measured (BENCHMARKS.md, "Session 16"): gains at 512 x 2048 x 2048 and
+/// 128 x 2048 x 2048 on a Zen 4 and a Xeon, losses at 512 rows by 512 x 1408 and
+/// 1408 x 512 on the Xeon, which the rule leaves out. The rule does not read the thread
+/// count, so the path, and with it the bits, stay the same on every count (invariant
+/// 11); more than 64 rows keeps gemm's blocking of the sums the same in every block
+/// (gemm blocks `k` differently when both sides of its product are 64 or less).
+fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> bool {
+    let extra = m.saturating_mul(k.saturating_mul(2).saturating_add(n));
+    rhs.1 == 1 && lhs.2 == 1 && m > 64 && n.saturating_mul(k) > extra && packed::simd_available()
+}
+
+/// [`matmul_new`] for a column-major `rhs` large beside `lhs` ([`transposes_output`]):
+/// `lhs` `[m, k]` is transposed to `[k, m]` in registers (slices of the features over the
+/// threads), each thread multiplies a block of `W`'s rows (`W = rhs^T` `[n, k]`, row-major
+/// as stored) by it with a single-threaded gemm into `y^T` `[n, m]`, and `y^T` is
+/// transposed back (blocks of rows over the threads). gemm packs `W` for that product a
+/// few rows at a time, each read along its length, where for `x W^T` it gathers every
+/// packed column of `W` down 64 rows 4 `k` bytes apart. Each element is one gemm sum over
+/// all of `k`, as in gemm's own product, so the blocks (and the thread count) do not
+/// change its bits.
+fn transposed_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+    let threads = rayon::current_num_threads();
+    // x^T [k, m].
+    let kb = k.div_ceil(threads).next_multiple_of(8).min(k);
+    let transpose_x = |out: SendPtr, c: usize| {
+        let e = (c + kb).min(k);
+        // SAFETY: the block writes rows c..e of the k x m buffer, its own.
+        unsafe { packed::transpose_to(lhs.0, lhs.1, 0..m, c..e, out.get().add(c * m)) }
+    };
+    // SAFETY: the blocks cover rows 0..k of x^T, each written whole once (above).
+    let xt = unsafe { par_blocks(k * m, (k, kb), transpose_x) };
+    // y^T [n, m], blocks of W's rows.
+    let nb = n.div_ceil(threads).next_multiple_of(16).min(n);
+    let product = |out: SendPtr, start: usize| {
+        let len = nb.min(n - start);
+        // SAFETY: matmul_new's asserts keep W's rows start..start + len (elements
+        // `j * rhs.2 + p`, p < k) inside rhs; x^T is k x m; `out` has room for n x m at
+        // row stride m and the blocks write disjoint rows, each element overwritten
+        // (`read_dst` false, as in matmul_new).
+        unsafe {
+            serial_gemm(
+                (len, m, k),
+                (out.get().add(start * m), m),
+                false,
+                (rhs.0.as_ptr().add(start * rhs.2), rhs.2, 1),
+                (xt.as_ptr(), m, 1),
+            )
+        }
+    };
+    // SAFETY: the blocks cover rows 0..n of y^T, each written once (above).
+    let yt = unsafe { par_blocks(n * m, (n, nb), product) };
+    drop(xt);
+    let mb = m.div_ceil(threads).next_multiple_of(8).min(m);
+    let transpose_y = |out: SendPtr, i: usize| {
+        let e = (i + mb).min(m);
+        // SAFETY: the block writes rows i..e of the m x n result, its own.
+        unsafe { packed::transpose_to(&yt, m, 0..n, i..e, out.get().add(i * n)) }
+    };
+    // SAFETY: the blocks cover rows 0..m of the result, each written whole once.
+    unsafe { par_blocks(m * n, (m, mb), transpose_y) }
 }
 
 /// Whether [`matmul_new`] transposes `rhs` before gemm's product
@@ -2103,13 +2175,62 @@ mod tests {
         }
     }
 
+    /// Asserts that the runs of [`product_on_threads`] have the same bits.
+    fn same_bits_on_every_count(runs: &[Vec<f32>], (m, n, k): (usize, usize, usize)) {
+        for (threads, got) in runs.iter().enumerate().skip(1) {
+            assert!(
+                got.iter()
+                    .zip(&runs[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{m}x{n}x{k}: {} threads gave other bits than 1",
+                threads + 1
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_new_transposes_the_output_of_a_large_column_major_rhs() {
+        // rhs column-major (a weight [n, k] as loaded, for x W^T) large beside the rows:
+        // rows, columns and features not multiples of 8 (the transposes' scalar edges),
+        // blocks of W's rows with a ragged last one, 65 rows (the least the path takes)
+        // and its neighbours the rule leaves out (64 rows; a weight too small beside the
+        // rows). The transposed product runs on every CPU (its scalar transposes where
+        // there is no AVX2), and through matmul_new where that picks it.
+        for ((m, n, k), picked) in [
+            ((70, 300, 530), true),
+            ((100, 1100, 256), true),
+            ((65, 257, 263), true),
+            ((64, 300, 300), false),
+            ((130, 300, 300), false),
+        ] {
+            let rhs_cm: Operand = (&[], 1, k);
+            assert_eq!(
+                transposes_output((m, n, k), (&[], k, 1), rhs_cm),
+                picked && packed::simd_available(),
+                "{m}x{n}x{k}"
+            );
+            for product in [transposed_product, matmul_new] {
+                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
+                // Same bits on every thread count (invariant 11): only the blocks change.
+                same_bits_on_every_count(&runs, (m, n, k));
+            }
+        }
+        // A row-major lhs only: stored k x m it keeps to the other paths.
+        assert!(!transposes_output(
+            (70, 300, 530),
+            (&[], 1, 70),
+            (&[], 1, 530)
+        ));
+    }
+
     #[test]
     fn matmul_new_transposes_a_column_major_rhs_and_matches_a_plain_product() {
         // rhs column-major (a weight [n, k] as loaded, for x W^T): slices of 256 input
         // features with a ragged last one, blocks of 1,024 columns with a ragged last
         // one, columns not a multiple of 8; and a shape just under the threshold. The
         // transposing product runs on every CPU (its scalar transpose where there is no
-        // AVX2), and through matmul_new where that picks it.
+        // AVX2), and through matmul_new where that picks it (the first shape takes the
+        // transposed output there instead: `transposes_output`).
         for (m, n, k) in [
             (70, 300, 530),
             (50, 1100, 256),
@@ -2124,15 +2245,7 @@ mod tests {
                 let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
                 // Same bits on every thread count (invariant 11): only the columns'
                 // split changes.
-                for (threads, got) in runs.iter().enumerate().skip(1) {
-                    assert!(
-                        got.iter()
-                            .zip(&runs[0])
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{m}x{n}x{k}: {} threads gave other bits than 1",
-                        threads + 1
-                    );
-                }
+                same_bits_on_every_count(&runs, (m, n, k));
             }
         }
     }

@@ -880,8 +880,9 @@ mod avx2 {
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA micro-kernel.
-fn simd_available() -> bool {
+/// Whether this CPU runs the AVX2 + FMA micro-kernel (and [`transpose_into`]'s register
+/// transposes).
+pub(crate) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -944,11 +945,32 @@ pub(crate) fn transpose_into(
     cols: std::ops::Range<usize>,
     t: &mut [f32],
 ) {
+    assert!(
+        t.len() >= rows.len() * cols.len(),
+        "packed: transpose target too short"
+    );
+    // SAFETY: `t` holds the `cols.len() x rows.len()` elements written (asserted).
+    unsafe { transpose_to(w, ld, rows, cols, t.as_mut_ptr()) }
+}
+
+/// [`transpose_into`] writing through a pointer: into a buffer not yet initialised, which
+/// it fills (every `kk * rows.len() + j` below `cols.len() * rows.len()`).
+///
+/// # Safety
+///
+/// `t` is valid for writes of `cols.len() * rows.len()` elements, and nothing else
+/// accesses them meanwhile.
+pub(crate) unsafe fn transpose_to(
+    w: &[f32],
+    ld: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    t: *mut f32,
+) {
     let (nb, kc) = (rows.len(), cols.len());
     if nb == 0 || kc == 0 {
         return;
     }
-    assert!(t.len() >= nb * kc, "packed: transpose target too short");
     assert!(
         (rows.end - 1) * ld + cols.end <= w.len(),
         "packed: transpose source too short"
@@ -959,16 +981,17 @@ pub(crate) fn transpose_into(
     if simd_available() {
         (jb, kb) = (nb - nb % 8, kc - kc % 8);
         // SAFETY: AVX2 is available; the reads stay below `(rows.end - 1) * ld +
-        // cols.end <= w.len()` and the writes below `kc * nb <= t.len()` (asserted).
+        // cols.end <= w.len()` (asserted) and the writes below `kc * nb` (the caller's).
         unsafe {
             let src = w.as_ptr().add(rows.start * ld + cols.start);
-            avx2::transpose_block(src, ld, (jb, kb), t.as_mut_ptr(), nb)
+            avx2::transpose_block(src, ld, (jb, kb), t, nb)
         }
     }
     for kk in 0..kc {
         let from = if kk < kb { jb } else { 0 };
         for j in from..nb {
-            t[kk * nb + j] = at(j, kk);
+            // SAFETY: kk * nb + j < kc * nb, inside the caller's buffer.
+            unsafe { t.add(kk * nb + j).write(at(j, kk)) };
         }
     }
 }
