@@ -1262,11 +1262,12 @@ fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operan
 /// `lhs` `[m, k]` is transposed to `[k, m]` in registers (slices of the features over the
 /// threads), each thread multiplies a block of `W`'s rows (`W = rhs^T` `[n, k]`, row-major
 /// as stored) by it with a single-threaded gemm into `y^T` `[n, m]`, and `y^T` is
-/// transposed back (blocks of rows over the threads). gemm packs `W` for that product a
-/// few rows at a time, each read along its length, where for `x W^T` it gathers every
-/// packed column of `W` down 64 rows 4 `k` bytes apart. Each element is one gemm sum over
-/// all of `k`, as in gemm's own product, so the blocks (and the thread count) do not
-/// change its bits.
+/// transposed back (blocks of rows over the threads). gemm reads `W` for that product six
+/// rows at a time, each along its length (by its source, unpacked below 8,192 rows of
+/// `x`), where for `x W^T` it gathers every packed column of `W` down 64 rows `4 k` bytes
+/// apart. Each element is one gemm sum over all of `k`, as in gemm's own product (the
+/// same bits on the Zen 4 and the Xeon measured), so the blocks, and with them the thread
+/// count, do not change it.
 fn transposed_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     // x^T [k, m].
