@@ -95,12 +95,16 @@ fn main() {
             Box::new(|| drop(fused_cpu::matmul_new((m, r, d), (&gs, d, 1), (&bs, r, 1)))),
         ),
         (
-            "gradient dA = u^T x",
-            Box::new(|| drop(fused_cpu::matmul_new((r, d, m), (&u, 1, r), (&xs, d, 1)))),
-        ),
-        (
-            "gradient dB = g^T t",
-            Box::new(|| drop(fused_cpu::matmul_new((d, r, m), (&gs, 1, d), (&t, r, 1)))),
+            "gradients dA = s u^T x, dB = s g^T t",
+            Box::new(|| {
+                drop(fused_cpu::adapter_grads(
+                    (m, d, d, r),
+                    &xs,
+                    &gs,
+                    (&u, &t),
+                    2.0,
+                ))
+            }),
         ),
         (
             "packing W for x W^T (6 rows)",
