@@ -2082,28 +2082,14 @@ pub fn adapter_grads(
     s: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let threads = rayon::current_num_threads();
-    let mut da = vec![0f32; r * i];
-    scaled_matmul(
-        (r, i, m),
-        &mut da,
-        i,
-        false,
-        (u, 1, r),
-        (x, i, 1),
-        s,
-        threads,
-    );
-    let mut dbt = vec![0f32; r * o];
-    scaled_matmul(
-        (r, o, m),
-        &mut dbt,
-        o,
-        false,
-        (t, 1, r),
-        (g, o, 1),
-        s,
-        threads,
-    );
+    // s * lhs^T rhs for lhs [m, r] and rhs [m, cols]: [r, cols].
+    let product = |cols: usize, lhs: &[f32], rhs: &[f32]| {
+        let mut out = vec![0f32; r * cols];
+        let (lhs, rhs) = ((lhs, 1, r), (rhs, cols, 1));
+        scaled_matmul((r, cols, m), &mut out, cols, false, lhs, rhs, s, threads);
+        out
+    };
+    let (da, dbt) = (product(i, u, x), product(o, t, g));
     let mut db = vec![0f32; o * r];
     packed::transpose_into(&dbt, o, 0..r, 0..o, &mut db);
     (da, db)
