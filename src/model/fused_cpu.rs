@@ -2200,14 +2200,15 @@ mod tests {
         }
     }
 
-    /// Asserts that the runs of [`product_on_threads`] have the same bits.
-    fn same_bits_on_every_count(runs: &[Vec<f32>], (m, n, k): (usize, usize, usize)) {
+    /// Asserts that runs on 1, 2, 3, ... threads (of [`product_on_threads`], say) have
+    /// the same bits; `what` names them in the message.
+    fn same_bits_on_every_count(runs: &[Vec<f32>], what: &str) {
         for (threads, got) in runs.iter().enumerate().skip(1) {
             assert!(
                 got.iter()
                     .zip(&runs[0])
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{m}x{n}x{k}: {} threads gave other bits than 1",
+                "{what}: {} threads gave other bits than 1",
                 threads + 1
             );
         }
@@ -2239,24 +2240,11 @@ mod tests {
                 let (dx, da, db) = pool
                     .install(|| lora_backward(&x, &w, &a, &b, &g, 1.5, None, true))
                     .unwrap();
-                [dx.unwrap(), da, db].map(|t| {
-                    t.flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<u32>>()
-                })
+                [dx.unwrap(), da, db].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             });
-            for (threads, run) in runs.iter().enumerate().skip(1) {
-                for (name, (got, want)) in ["dx", "dA", "dB"].iter().zip(run.iter().zip(&runs[0])) {
-                    assert!(
-                        got == want,
-                        "{m}x{i}x{o} r {r}: {name} on {} threads differs from 1",
-                        threads + 1
-                    );
-                }
+            for (n, name) in ["dx", "dA", "dB"].iter().enumerate() {
+                let by_count: Vec<Vec<f32>> = runs.iter().map(|run| run[n].clone()).collect();
+                same_bits_on_every_count(&by_count, &format!("{m}x{i}x{o} r {r}, {name}"));
             }
         }
     }
@@ -2285,7 +2273,7 @@ mod tests {
             for product in [transposed_product, matmul_new] {
                 let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
                 // Same bits on every thread count (invariant 11): only the blocks change.
-                same_bits_on_every_count(&runs, (m, n, k));
+                same_bits_on_every_count(&runs, &format!("{m}x{n}x{k}"));
             }
         }
         // A row-major lhs only: stored k x m it keeps to the other paths.
@@ -2318,7 +2306,7 @@ mod tests {
                 let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
                 // Same bits on every thread count (invariant 11): only the columns'
                 // split changes.
-                same_bits_on_every_count(&runs, (m, n, k));
+                same_bits_on_every_count(&runs, &format!("{m}x{n}x{k}"));
             }
         }
     }
