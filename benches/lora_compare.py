@@ -1,9 +1,10 @@
 """taper / PyTorch ratios for the model-math suite (`benches/lora.rs` against
-`benches/lora_torch.py`), robust to a noisy machine: the two run in turns, ROUNDS times,
-and each case keeps its fastest time per call over a window of calls (criterion: its
-fastest sample, time / iterations; PyTorch: its fastest window of about 0.1 s, the same
-estimator). Interference only ever adds time, so the fastest of several is the closest
-either side gets to its own speed.
+`benches/lora_torch.py`), robust to a noisy machine: case by case, the two sides run in
+turns (taper's case, then PyTorch's, a few seconds apart), ROUNDS times, so a slow phase
+of the machine touches both sides of a pair. Each side keeps its fastest time per call
+over a window of calls (criterion: its fastest sample, time / iterations; PyTorch: its
+fastest window of about 0.1 s, the same estimator). Interference only ever adds time,
+so the fastest of several is the closest either side gets to its own speed.
 
     python3 benches/lora_compare.py [THREADS] [ROUNDS] [FILTER]   (default 2 3 "")
 
@@ -11,7 +12,9 @@ Needs cargo and python3 with torch (transformers for the Llama case); with
 TAPER_BENCH_BIN set to a built `lora` bench binary (`cargo bench --bench lora --no-run`
 prints its path), that binary runs instead of cargo, on a machine without Rust. Sets
 RAYON_NUM_THREADS for taper; PyTorch gets the same thread count. Prints, per case, the
-fastest time of each side and the ratio PyTorch time / taper time (> 1: taper faster).
+fastest time of each side over all rounds and their ratio PyTorch time / taper time
+(> 1: taper faster), then the lowest and the median of the rounds' own ratios (each
+from one pair of runs seconds apart).
 """
 import json
 import os
@@ -43,52 +46,50 @@ PAIRS = {
 PAIRS = {k: v for k, v in PAIRS.items() if FILTER in k}
 
 
-def taper_round():
+def taper_case(case):
     env = dict(os.environ, RAYON_NUM_THREADS=THREADS)
-    timing = ["--warm-up-time", "1", "--measurement-time", "2"]
+    timing = ["--warm-up-time", "1", "--measurement-time", "2", "--exact", case]
     binary = os.environ.get("TAPER_BENCH_BIN")
     if binary:
         args = [binary, "--bench"] + timing
         env["CARGO_TARGET_DIR"] = str(TARGET)
     else:
         args = ["cargo", "bench", "--bench", "lora", "--"] + timing
-    if FILTER:
-        args.append(FILTER)
     subprocess.run(args, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    out = {}
-    for case in PAIRS:
-        sample = json.loads((TARGET / "criterion" / case / "new" / "sample.json").read_text())
-        out[case] = min(t / i for t, i in zip(sample["times"], sample["iters"])) / 1e6
-    return out
+    sample = json.loads((TARGET / "criterion" / case / "new" / "sample.json").read_text())
+    return min(t / i for t, i in zip(sample["times"], sample["iters"])) / 1e6
 
 
-def torch_round():
-    args = [sys.executable, str(ROOT / "benches" / "lora_torch.py"), THREADS, FILTER]
+def torch_case(name):
+    args = [sys.executable, str(ROOT / "benches" / "lora_torch.py"), THREADS, name]
     text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    out = {}
     for line in text.splitlines():
         m = re.match(r"(.+?)\s+[\d.]+ ms\s+\(fastest window ([\d.]+) ms\)", line)
-        if m:
-            out[m.group(1).strip()] = float(m.group(2))
-    return out
+        if m and m.group(1).strip() == name:
+            return float(m.group(2))
+    return None
 
 
-best_taper, best_torch = {}, {}
+times = {case: [] for case in PAIRS}
 for r in range(ROUNDS):
-    for case, t in taper_round().items():
-        best_taper[case] = min(t, best_taper.get(case, float("inf")))
-    for name, t in torch_round().items():
-        best_torch[name] = min(t, best_torch.get(name, float("inf")))
+    for case, name in PAIRS.items():
+        times[case].append((taper_case(case), torch_case(name)))
     print(f"round {r + 1} of {ROUNDS} done", file=sys.stderr)
 
-print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12}")
-for case, name in PAIRS.items():
-    a, b = best_taper.get(case), best_torch.get(name)
-    if a is None or b is None:
+print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12} {'rounds: low':>12} {'median':>7}")
+best_taper = {}
+for case, pairs in times.items():
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    if not pairs:
         print(f"{case:44} {'-':>9} {'-':>9} {'(missing)':>12}")
         continue
-    print(f"{case:44} {a:9.3f} {b:9.3f} {b / a:11.2f}x")
+    a, b = min(p[0] for p in pairs), min(p[1] for p in pairs)
+    best_taper[case] = a
+    ratios = sorted(t / s for s, t in pairs)
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    print(f"{case:44} {a:9.3f} {b:9.3f} {b / a:11.2f}x {ratios[0]:11.2f}x {median:6.2f}x")
 r8, r64 = best_taper.get("lora_rank_d2048/8"), best_taper.get("lora_rank_d2048/64")
 if r8 and r64:
     print(f"taper rank 64 / rank 8 at d 2048: {r64 / r8:.2f}")

@@ -78,7 +78,8 @@ def fwd_bwd():
 bench("lora_fwd_bwd_d2048_r16", fwd_bwd)
 
 try:
-    if only not in "llama_h512_l8_forward":
+    names = [f"llama_h512_l8_forward/1x128 ({attn} attention)" for attn in ["eager", "sdpa"]]
+    if not any(only in name for name in names):
         raise ImportError
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -86,10 +87,10 @@ try:
                       rms_norm_eps=1e-5, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
     ids = (torch.arange(S) * 37 % 8192).unsqueeze(0)
-    for attn in ["eager", "sdpa"]:
+    for attn, name in zip(["eager", "sdpa"], names):
         model.config._attn_implementation = attn
         with torch.no_grad():
-            bench(f"llama_h512_l8_forward/1x128 ({attn} attention)", lambda: model(ids))
+            bench(name, lambda: model(ids))
 except ImportError:
-    if only in "llama_h512_l8_forward":
+    if any(only in name for name in names):
         print("llama_h512_l8_forward: skipped (transformers not installed)")

@@ -1158,9 +1158,104 @@ fn scaled_matmul(
 /// `lhs * rhs` (`m x k` times `k x n`) into a new row-major buffer, on all of rayon's
 /// threads. The buffer is not zeroed first (candle's matmul zeroes its output, a pass of
 /// its own): gemm writes every element.
-pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
-    if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
+pub fn matmul_new(mnk: (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+    matmul_plus(mnk, lhs, rhs, None)
+}
+
+/// A low-rank term a product starts from ([`matmul_plus`]): `s * lhs * rhs`, `m x r`
+/// times `r x n`, operands as (slice, row stride, column stride). A LoRA linear's update,
+/// `s (x A^T) B^T` in the forward and `s (g B) A` in the backward.
+#[derive(Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `m x r`.
+    pub lhs: Operand<'a>,
+    /// `r x n`.
+    pub rhs: Operand<'a>,
+    /// The rank, at least 1.
+    pub r: usize,
+    /// The scale.
+    pub s: f32,
+}
+
+impl LowRank<'_> {
+    /// Panics unless both operands hold an `m x r` and an `r x n` matrix at their strides
+    /// (the bounds [`Self::start_block`] relies on).
+    fn check(&self, m: usize, n: usize) {
+        let (l, r, k) = (self.lhs, self.rhs, self.r);
+        assert!(k > 0, "low-rank term of rank 0");
+        assert!(
+            (m - 1) * l.1 + (k - 1) * l.2 < l.0.len(),
+            "low rank: lhs too short"
+        );
+        assert!(
+            (k - 1) * r.1 + (n - 1) * r.2 < r.0.len(),
+            "low rank: rhs too short"
+        );
+    }
+
+    /// The term of the transposed product: `s rhs^T lhs^T`, `n x r` times `r x m`.
+    fn transposed(self) -> Self {
+        let (l, r) = (self.lhs, self.rhs);
+        Self {
+            lhs: (r.0, r.2, r.1),
+            rhs: (l.0, l.2, l.1),
+            ..self
+        }
+    }
+
+    /// Sets a block of a product's output, rows `i0..i0 + rows` and columns
+    /// `j0..j0 + cols`, to the term: `dst = s lhs rhs` there, `dst` the block's first
+    /// element, at row stride `dst.1`; the product then adds its sums to it (gemm with
+    /// `read_dst`), which costs no pass of its own.
+    ///
+    /// # Safety
+    ///
+    /// [`Self::check`] passed for the whole output, the block lies inside it, `dst` has
+    /// room for the block at its stride and nothing else accesses it meanwhile.
+    unsafe fn start_block(
+        self,
+        (i0, rows): (usize, usize),
+        (j0, cols): (usize, usize),
+        dst: (*mut f32, usize),
+    ) {
+        let (l, r) = (self.lhs, self.rhs);
+        serial_gemm_scaled(
+            (rows, cols, self.r),
+            dst,
+            false,
+            (l.0.as_ptr().add(i0 * l.1), l.1, l.2),
+            (r.0.as_ptr().add(j0 * r.2), r.1, r.2),
+            self.s,
+        )
+    }
+}
+
+/// [`matmul_new`] plus a low-rank term: `s lhs' rhs' + lhs rhs`, where each thread's
+/// block of the output is first set to its part of the term and the product then adds
+/// its sums to it (gemm's `read_dst`), so the term takes no pass over the output of its
+/// own: a LoRA linear's update on gemm, forward and backward. Against the product then a
+/// separate update (one process, in turns): 1.01-1.07x on a Xeon and 1.00-1.06x on a
+/// Zen 4 over LoRA shapes at 512 x 2048 x 2048 and 512 x 1408 x 512 (BENCHMARKS.md,
+/// "Session 17"). The term's sums do not depend on the blocks, so neither do the bits.
+pub fn matmul_plus(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    low: Option<LowRank>,
+) -> Vec<f32> {
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    if let Some(low) = low {
+        low.check(m, n);
+    }
+    if k == 0 {
+        let mut y = vec![0f32; m * n];
+        if let Some(l) = low {
+            let threads = rayon::current_num_threads();
+            scaled_matmul((m, n, l.r), &mut y, n, false, l.lhs, l.rhs, l.s, threads);
+        }
+        return y;
     }
     assert!(
         (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
@@ -1171,10 +1266,10 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
         "matmul: rhs too short"
     );
     if transposes_output((m, n, k), lhs, rhs) {
-        return transposed_product((m, n, k), lhs, rhs);
+        return transposed_product((m, n, k), lhs, rhs, low);
     }
     if transposes_rhs((m, n, k), rhs) {
-        return transposing_product((m, n, k), lhs, rhs);
+        return transposing_product((m, n, k), lhs, rhs, low);
     }
     // Each thread takes a block of columns with a single-threaded gemm: at these sizes
     // that beats gemm's own split, most of all for few rows (1.3-1.6x at 128 rows;
@@ -1190,25 +1285,30 @@ pub fn matmul_new((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) 
     };
     let block = |out: SendPtr, start: usize| {
         let len = width.min(blocks - start);
-        let ((rows, cols), dst_at, lhs_at, rhs_at) = if by_rows {
-            ((len, n), start * n, start * lhs.1, 0)
+        let ((rows, cols), (i0, j0)) = if by_rows {
+            ((len, n), (start, 0))
         } else {
-            ((m, len), start, 0, start * rhs.2)
+            ((m, len), (0, start))
         };
         // SAFETY: the asserts keep every read of lhs and rhs (rows start..start + len of
-        // lhs, or columns start..start + len of rhs) inside their slices, and `dst` has
-        // room for the m x n result at row stride n; the blocks write disjoint rows or
-        // columns. With `read_dst` false gemm sets alpha to zero and then, on every path
-        // (micro-kernels, gemv; k = 0 is excluded above), overwrites each element of its
-        // block without reading it, so all m * n elements are initialised when
-        // `par_blocks` returns.
+        // lhs, or columns start..start + len of rhs) and of the low-rank term (`check`)
+        // inside their slices, and `dst` has room for the m x n result at row stride n;
+        // the blocks write disjoint rows or columns. With `read_dst` false gemm sets
+        // alpha to zero and then, on every path (micro-kernels, gemv; k = 0 and r = 0
+        // are excluded above), overwrites each element of its block without reading it,
+        // so the term's product initialises the block the main one then reads, and all
+        // m * n elements are initialised when `par_blocks` returns.
         unsafe {
+            let dst = out.get().add(i0 * n + j0);
+            if let Some(low) = low {
+                low.start_block((i0, rows), (j0, cols), (dst, n));
+            }
             serial_gemm(
                 (rows, cols, k),
-                (out.get().add(dst_at), n),
-                false,
-                (lhs.0.as_ptr().add(lhs_at), lhs.1, lhs.2),
-                (rhs.0.as_ptr().add(rhs_at), rhs.1, rhs.2),
+                (dst, n),
+                low.is_some(),
+                (lhs.0.as_ptr().add(i0 * lhs.1), lhs.1, lhs.2),
+                (rhs.0.as_ptr().add(j0 * rhs.2), rhs.1, rhs.2),
             )
         }
     };
@@ -1268,7 +1368,12 @@ fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operan
 /// apart. Each element is one gemm sum over all of `k`, as in gemm's own product (the
 /// same bits on the Zen 4 and the Xeon measured), so the blocks, and with them the thread
 /// count, do not change it.
-fn transposed_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+fn transposed_product(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    low: Option<LowRank>,
+) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     // x^T [k, m].
     let kb = k.div_ceil(threads).next_multiple_of(8).min(k);
@@ -1283,15 +1388,21 @@ fn transposed_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Opera
     let nb = n.div_ceil(threads).next_multiple_of(16).min(n);
     let product = |out: SendPtr, start: usize| {
         let len = nb.min(n - start);
-        // SAFETY: matmul_new's asserts keep W's rows start..start + len (elements
-        // `j * rhs.2 + p`, p < k) inside rhs; x^T is k x m; `out` has room for n x m at
-        // row stride m and the blocks write disjoint rows, each element overwritten
-        // (`read_dst` false, as in matmul_new).
+        // SAFETY: matmul_plus's asserts keep W's rows start..start + len (elements
+        // `j * rhs.2 + p`, p < k) and the low-rank term's reads inside their slices;
+        // x^T is k x m; `out` has room for n x m at row stride m and the blocks write
+        // disjoint rows, each element overwritten by the first product into it
+        // (`read_dst` false, as in matmul_plus).
         unsafe {
+            let dst = out.get().add(start * m);
+            if let Some(low) = low {
+                // y^T's term: s rhs'^T lhs'^T.
+                low.transposed().start_block((start, len), (0, m), (dst, m));
+            }
             serial_gemm(
                 (len, m, k),
-                (out.get().add(start * m), m),
-                false,
+                (dst, m),
+                low.is_some(),
                 (rhs.0.as_ptr().add(start * rhs.2), rhs.2, 1),
                 (xt.as_ptr(), m, 1),
             )
@@ -1338,7 +1449,12 @@ const TRANSPOSE_NB: usize = 1024;
 /// [`TRANSPOSE_KC`] at a time, the slice of `rhs` transposed to row-major in registers
 /// ([`packed::transpose_into`]) and multiplied in by a single-threaded gemm that adds to
 /// the block (the first slice sets it).
-fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> Vec<f32> {
+fn transposing_product(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    low: Option<LowRank>,
+) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     let width = n
         .div_ceil(threads)
@@ -1348,6 +1464,10 @@ fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Oper
     let block = |out: SendPtr, start: usize| {
         let len = width.min(n - start);
         let mut slice = vec![0f32; TRANSPOSE_KC.min(k) * len];
+        if let Some(low) = low {
+            // SAFETY: as for the slices' products below (the term's reads: `check`).
+            unsafe { low.start_block((0, m), (start, len), (out.get().add(start), n)) }
+        }
         for c in (0..k).step_by(TRANSPOSE_KC) {
             let kc = TRANSPOSE_KC.min(k - c);
             // rhs is column-major: its columns are the rows of a row-major matrix of
@@ -1356,14 +1476,15 @@ fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Oper
             // SAFETY: matmul_new's asserts keep the reads of lhs (columns c..c + kc of
             // its m rows) inside its slice; `slice` holds kc x len elements at row
             // stride len; `dst` has room for the m x n result at row stride n and the
-            // blocks write disjoint columns. The first slice runs with `read_dst` false,
-            // which overwrites every element of the block (as in matmul_new), so the
-            // later ones add to initialised values and `par_blocks` returns them set.
+            // blocks write disjoint columns. The first product into the block (the
+            // low-rank term's, or the first slice's) runs with `read_dst` false, which
+            // overwrites every element of the block (as in matmul_plus), so the later
+            // ones add to initialised values and `par_blocks` returns them set.
             unsafe {
                 serial_gemm(
                     (m, len, kc),
                     (out.get().add(start), n),
-                    c > 0,
+                    c > 0 || low.is_some(),
                     (lhs.0.as_ptr().add(c * lhs.2), lhs.1, lhs.2),
                     (slice.as_ptr(), len, 1),
                 )
@@ -1384,11 +1505,27 @@ fn transposing_product((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Oper
 /// strides is in bounds, and nothing else accesses `dst`'s elements meanwhile; with
 /// `read_dst` they are initialised (without it gemm overwrites each one unread).
 unsafe fn serial_gemm(
+    mnk: (usize, usize, usize),
+    dst: (*mut f32, usize),
+    read_dst: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    serial_gemm_scaled(mnk, dst, read_dst, lhs, rhs, 1.0)
+}
+
+/// [`serial_gemm`] with the product scaled by `s`: `dst (+)= s lhs rhs`.
+///
+/// # Safety
+///
+/// As for [`serial_gemm`].
+unsafe fn serial_gemm_scaled(
     (m, n, k): (usize, usize, usize),
     dst: (*mut f32, usize),
     read_dst: bool,
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
+    s: f32,
 ) {
     gemm::gemm(
         m,
@@ -1405,7 +1542,7 @@ unsafe fn serial_gemm(
         rhs.2 as isize,
         rhs.1 as isize,
         if read_dst { 1.0 } else { 0.0 },
-        1.0,
+        s,
         false,
         false,
         false,
@@ -1939,8 +2076,8 @@ fn lora_dims(
 /// `y = x W^T (+ bias) + s (x A^T) B^T` for `x` `[m, in]`: with a packed weight, or one
 /// packed at the call (`packs_per_call`), one pass over the output
 /// ([`packed::PackedWeight::lora_linear`], [`packed::PackedRows::strided_product`], the
-/// rows packed once for `x A^T` and the main product); otherwise the base product, then
-/// the low-rank update added into it by the second product, with no pass of its own.
+/// rows packed once for `x A^T` and the main product); otherwise gemm's base product
+/// starting from the low-rank update ([`matmul_plus`]), with no pass of its own.
 /// Returns `y` and, for a weight that is not packed (training's), `t = x A^T` `[m, r]`,
 /// which [`lora_backward`] takes instead of computing it again.
 pub fn lora_forward(
@@ -1952,7 +2089,6 @@ pub fn lora_forward(
     s: f64,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let (m, i, o, r) = lora_dims(x, w.dims()?, a, b)?;
-    let threads = rayon::current_num_threads();
     let (mut y, t) = with_f32(x, |xs| {
         with_f32(a, |as_| {
             with_f32(b, |bs| {
@@ -1972,9 +2108,16 @@ pub fn lora_forward(
                     return Ok((y, Some(t)));
                 }
                 let t = linear(xs, as_, (m, r, i));
-                let mut y = with_matrix(w, |wm| Ok(linear_with(xs, wm, (m, o, i))))?;
-                let up = ((&t[..], r, 1), (bs, 1, r));
-                scaled_matmul((m, o, r), &mut y, o, true, up.0, up.1, s as f32, threads);
+                // The update s t B^T (B^T as stored) is the term the product starts from.
+                let up = (r > 0).then_some(LowRank {
+                    lhs: (&t, r, 1),
+                    rhs: (bs, 1, r),
+                    r,
+                    s: s as f32,
+                });
+                let y = with_matrix(w, |wm| {
+                    Ok(matmul_plus((m, o, i), (xs, i, 1), wm.transposed(), up))
+                })?;
                 Ok((y, Some(t)))
             })
         })
@@ -2013,7 +2156,7 @@ pub fn lora_backward(
     if g.dims() != [m, o] || t.is_some_and(|t| t.len() != m * r) {
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }
-    let (threads, s) = (rayon::current_num_threads(), s as f32);
+    let s = s as f32;
     let (dx, da, db) = with_f32(x, |xs| {
         with_matrix(w, |wm| {
             with_f32(a, |as_| {
@@ -2040,10 +2183,14 @@ pub fn lora_backward(
                         } else {
                             let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
                             let dx = need_dx.then(|| {
-                                let mut dx = matmul_new((m, i, o), (gs, o, 1), wm.operand());
-                                let (lhs, rhs) = ((&u[..], r, 1), (as_, i, 1));
-                                scaled_matmul((m, i, r), &mut dx, i, true, lhs, rhs, s, threads);
-                                dx
+                                // The product starts from s (g B) A (A as stored).
+                                let up = (r > 0).then_some(LowRank {
+                                    lhs: (&u, r, 1),
+                                    rhs: (as_, i, 1),
+                                    r,
+                                    s,
+                                });
+                                matmul_plus((m, i, o), (gs, o, 1), wm.operand(), up)
                             });
                             (u, dx)
                         };
@@ -2147,37 +2294,55 @@ mod tests {
         }
     }
 
-    /// A product (`matmul_new` or one of its paths) on 1, 2 and 3 threads, each result
+    /// [`matmul_plus`] or one of its paths.
+    type ProductFn = fn((usize, usize, usize), Operand, Operand, Option<LowRank>) -> Vec<f32>;
+
+    /// A product (`matmul_plus` or one of its paths) on 1, 2 and 3 threads, each result
     /// checked against an f64 product; `lhs` `m x k` and `rhs` `k x n` are patterned
-    /// data laid out by the given (row, column) strides. Returns the results in
+    /// data laid out by the given (row, column) strides. With `rank` > 0, the product
+    /// starts from a low-rank term of that rank, scale 1.5, laid out as a LoRA
+    /// forward's (`t` `[m, r]` row-major, `B` `[n, r]` as stored). Returns the results in
     /// thread-count order.
     fn product_on_threads(
-        product: fn((usize, usize, usize), Operand, Operand) -> Vec<f32>,
+        product: ProductFn,
         (m, n, k): (usize, usize, usize),
         (lrs, lcs): (usize, usize),
         (rrs, rcs): (usize, usize),
+        rank: usize,
     ) -> Vec<Vec<f32>> {
-        let lhs: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 8.0)
-            .collect();
-        let rhs: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 4.0)
-            .collect();
+        let patterned = |len: usize, a: usize, b: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * a % b) as f32 - (b / 2) as f32) / 8.0)
+                .collect()
+        };
+        let (lhs, rhs) = (patterned(m * k, 7, 23), patterned(k * n, 5, 19));
+        let (t, bt) = (patterned(m * rank, 3, 13), patterned(n * rank, 11, 17));
         let want: Vec<f64> = (0..m * n)
             .map(|e| {
                 let (i, j) = (e / n, e % n);
+                let low: f64 = (0..rank)
+                    .map(|p| t[i * rank + p] as f64 * bt[j * rank + p] as f64)
+                    .sum();
                 (0..k)
                     .map(|p| lhs[i * lrs + p * lcs] as f64 * rhs[p * rrs + j * rcs] as f64)
-                    .sum()
+                    .sum::<f64>()
+                    + 1.5 * low
             })
             .collect();
+        let low = (rank > 0).then_some(LowRank {
+            lhs: (&t, rank, 1),
+            rhs: (&bt, 1, rank),
+            r: rank,
+            s: 1.5,
+        });
         [1, 2, 3]
             .map(|threads| {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                let got = pool.install(|| product((m, n, k), (&lhs, lrs, lcs), (&rhs, rrs, rcs)));
+                let got =
+                    pool.install(|| product((m, n, k), (&lhs, lrs, lcs), (&rhs, rrs, rcs), low));
                 assert_eq!(got.len(), m * n);
                 for (e, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
@@ -2196,7 +2361,31 @@ mod tests {
         // few rows (one block), odd sizes; lhs stored k x m (transposed through its
         // strides).
         for (m, n, k) in [(130, 300, 17), (700, 8, 33), (20, 5, 9), (257, 65, 64)] {
-            product_on_threads(matmul_new, (m, n, k), (1, m), (n, 1));
+            product_on_threads(matmul_plus, (m, n, k), (1, m), (n, 1), 0);
+        }
+    }
+
+    #[test]
+    fn matmul_plus_starts_every_path_from_the_low_rank_term() {
+        // Column blocks, row blocks, one block, the transposed output and the transposing
+        // product (the last two called directly too, as matmul_plus picks them by CPU),
+        // each with a LoRA-like term of rank 1, 5 or 16; the same bits on every thread
+        // count, and no input features at all (the term alone).
+        let cm = |k: usize| (1, k);
+        let cases: [(ProductFn, (usize, usize, usize), (usize, usize), usize); 9] = [
+            (matmul_plus, (130, 300, 17), (300, 1), 5),
+            (matmul_plus, (700, 8, 33), (8, 1), 1),
+            (matmul_plus, (20, 5, 9), (5, 1), 16),
+            (matmul_plus, (70, 300, 530), cm(530), 5),
+            (transposed_product, (70, 300, 530), cm(530), 5),
+            (transposed_product, (65, 257, 263), cm(263), 16),
+            (transposing_product, (50, 1100, 256), cm(256), 5),
+            (transposing_product, (48, 257, 600), cm(600), 1),
+            (matmul_plus, (33, 40, 0), (40, 1), 3),
+        ];
+        for (product, (m, n, k), rhs, rank) in cases {
+            let runs = product_on_threads(product, (m, n, k), (k, 1), rhs, rank);
+            same_bits_on_every_count(&runs, &format!("{m}x{n}x{k} + rank {rank}"));
         }
     }
 
@@ -2270,8 +2459,8 @@ mod tests {
                 picked && packed::simd_available(),
                 "{m}x{n}x{k}"
             );
-            for product in [transposed_product, matmul_new] {
-                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
+            for product in [transposed_product, matmul_plus] {
+                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k), 0);
                 // Same bits on every thread count (invariant 11): only the blocks change.
                 same_bits_on_every_count(&runs, &format!("{m}x{n}x{k}"));
             }
@@ -2302,8 +2491,8 @@ mod tests {
                 transposes_rhs((m, n, k), (&[], 1, k)),
                 m >= 48 && packed::fast_transpose()
             );
-            for product in [transposing_product, matmul_new] {
-                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k));
+            for product in [transposing_product, matmul_plus] {
+                let runs = product_on_threads(product, (m, n, k), (k, 1), (1, k), 0);
                 // Same bits on every thread count (invariant 11): only the columns'
                 // split changes.
                 same_bits_on_every_count(&runs, &format!("{m}x{n}x{k}"));
