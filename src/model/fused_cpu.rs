@@ -312,8 +312,8 @@ multiversion! {
         let h = w.len();
         for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
             let (mean, inv) = mean_inverse(xr, eps);
-            for (j, yj) in yr.iter_mut().enumerate() {
-                yj.write(((xr[j] - mean) * inv) * w[j] + b[j]);
+            for (((yj, &xj), &wj), &bj) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                yj.write(((xj - mean) * inv) * wj + bj);
             }
         }
     }
