@@ -1114,14 +1114,7 @@ fn scaled_matmul(
     // pointers below stay in bounds.
     assert!((m - 1) * dst_rs + n <= dst.len(), "matmul: dst too short");
     if k > 0 {
-        assert!(
-            (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
-            "matmul: lhs too short"
-        );
-        assert!(
-            (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
-            "matmul: rhs too short"
-        );
+        check_operands((m, n, k), lhs, rhs, "matmul");
     }
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -1155,6 +1148,20 @@ fn scaled_matmul(
     }
 }
 
+/// Panics unless `lhs` holds an `m x k` and `rhs` a `k x n` matrix at their strides (each
+/// one's last element inside its slice), for `m`, `n` and `k` at least 1; `what` names the
+/// product in the message.
+fn check_operands((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand, what: &str) {
+    assert!(
+        (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
+        "{what}: lhs too short"
+    );
+    assert!(
+        (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
+        "{what}: rhs too short"
+    );
+}
+
 /// `lhs * rhs` (`m x k` times `k x n`) into a new row-major buffer, on all of rayon's
 /// threads. The buffer is not zeroed first (candle's matmul zeroes its output, a pass of
 /// its own): gemm writes every element.
@@ -1181,16 +1188,8 @@ impl LowRank<'_> {
     /// Panics unless both operands hold an `m x r` and an `r x n` matrix at their strides
     /// (the bounds [`Self::start_block`] relies on).
     fn check(&self, m: usize, n: usize) {
-        let (l, r, k) = (self.lhs, self.rhs, self.r);
-        assert!(k > 0, "low-rank term of rank 0");
-        assert!(
-            (m - 1) * l.1 + (k - 1) * l.2 < l.0.len(),
-            "low rank: lhs too short"
-        );
-        assert!(
-            (k - 1) * r.1 + (n - 1) * r.2 < r.0.len(),
-            "low rank: rhs too short"
-        );
+        assert!(self.r > 0, "low-rank term of rank 0");
+        check_operands((m, n, self.r), self.lhs, self.rhs, "low rank");
     }
 
     /// The term of the transposed product: `s rhs^T lhs^T`, `n x r` times `r x m`.
@@ -1257,14 +1256,7 @@ pub fn matmul_plus(
         }
         return y;
     }
-    assert!(
-        (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
-        "matmul: lhs too short"
-    );
-    assert!(
-        (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
-        "matmul: rhs too short"
-    );
+    check_operands((m, n, k), lhs, rhs, "matmul");
     if transposes_output((m, n, k), lhs, rhs) {
         return transposed_product((m, n, k), lhs, rhs, low);
     }
@@ -1290,7 +1282,7 @@ pub fn matmul_plus(
         } else {
             ((m, len), (0, start))
         };
-        // SAFETY: the asserts keep every read of lhs and rhs (rows start..start + len of
+        // SAFETY: the checks keep every read of lhs and rhs (rows start..start + len of
         // lhs, or columns start..start + len of rhs) and of the low-rank term (`check`)
         // inside their slices, and `dst` has room for the m x n result at row stride n;
         // the blocks write disjoint rows or columns. With `read_dst` false gemm sets
@@ -1388,7 +1380,7 @@ fn transposed_product(
     let nb = n.div_ceil(threads).next_multiple_of(16).min(n);
     let product = |out: SendPtr, start: usize| {
         let len = nb.min(n - start);
-        // SAFETY: matmul_plus's asserts keep W's rows start..start + len (elements
+        // SAFETY: matmul_plus's checks keep W's rows start..start + len (elements
         // `j * rhs.2 + p`, p < k) and the low-rank term's reads inside their slices;
         // x^T is k x m; `out` has room for n x m at row stride m and the blocks write
         // disjoint rows, each element overwritten by the first product into it
@@ -1473,7 +1465,7 @@ fn transposing_product(
             // rhs is column-major: its columns are the rows of a row-major matrix of
             // row stride rhs.2.
             packed::transpose_into(rhs.0, rhs.2, start..start + len, c..c + kc, &mut slice);
-            // SAFETY: matmul_new's asserts keep the reads of lhs (columns c..c + kc of
+            // SAFETY: matmul_plus's checks keep the reads of lhs (columns c..c + kc of
             // its m rows) inside its slice; `slice` holds kc x len elements at row
             // stride len; `dst` has room for the m x n result at row stride n and the
             // blocks write disjoint columns. The first product into the block (the
@@ -2372,7 +2364,9 @@ mod tests {
         // each with a LoRA-like term of rank 1, 5 or 16; the same bits on every thread
         // count, and no input features at all (the term alone).
         let cm = |k: usize| (1, k);
-        let cases: [(ProductFn, (usize, usize, usize), (usize, usize), usize); 9] = [
+        // (path, m x n x k, rhs strides, rank)
+        type Case = (ProductFn, (usize, usize, usize), (usize, usize), usize);
+        let cases: [Case; 9] = [
             (matmul_plus, (130, 300, 17), (300, 1), 5),
             (matmul_plus, (700, 8, 33), (8, 1), 1),
             (matmul_plus, (20, 5, 9), (5, 1), 16),
