@@ -135,16 +135,42 @@ fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) 
     reduce_lanes(acc)
 }
 
+/// `sum(p * q)` for `(p, q) = f(a[i], b[i], c[i])`, in the lanes of [`lane_sum3`], each
+/// product added by a fused multiply-add (one instruction in the AVX2 and AVX-512 loops,
+/// libm's `fmaf` with the same bits elsewhere, as in [`exp`]): one operation fewer an
+/// element than a product and a sum, which counts where AVX-512 runs at half rate (a Zen
+/// 4's layer norm: BENCHMARKS.md, "Session 17").
+#[inline(always)]
+fn lane_dot3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len();
+    let full = n - n % LANES;
+    let chunks = a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES));
+    for ((ca, cb), cc) in chunks.zip(c[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let (p, q) = f(ca[l], cb[l], cc[l]);
+            acc[l] = p.mul_add(q, acc[l]);
+        }
+    }
+    for i in full..n {
+        let (p, q) = f(a[i], b[i], c[i]);
+        acc[i - full] = p.mul_add(q, acc[i - full]);
+    }
+    reduce_lanes(acc)
+}
+
 /// `sum(a)`, as [`lane_sum3`] adds.
 #[inline(always)]
 fn lane_sum(a: &[f32]) -> f32 {
     lane_sum3(a, a, a, |x, _, _| x)
 }
 
-/// `sum(a * b)`, as [`lane_sum3`] adds.
+/// `sum(a * b)`, as [`lane_dot3`] adds.
 #[inline(always)]
 fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    lane_sum3(a, b, b, |x, y, _| x * y)
+    lane_dot3(a, b, b, |x, y, _| (x, y))
 }
 
 /// The largest of `xs` (`-inf` when empty); NaNs are skipped (they propagate through
@@ -235,7 +261,7 @@ fn rms_inverse(x: &[f32], eps: f32) -> f32 {
 fn mean_inverse(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = lane_sum(x) / n;
-    let var = lane_sum3(x, x, x, |v, _, _| (v - mean) * (v - mean)) / n;
+    let var = lane_dot3(x, x, x, |v, _, _| (v - mean, v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -298,7 +324,7 @@ multiversion! {
             let (xr, dyr) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h]);
             let inv = rms_inverse(xr, eps);
             // dx = (g - n * mean(g * n)) * inv with n = x * inv and g = dy * w.
-            let dot = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * (x * inv));
+            let dot = lane_dot3(dyr, w, xr, |d, w, x| (d * w, x * inv));
             let mean = dot / h as f32;
             for (j, d) in dxr.iter_mut().enumerate() {
                 d.write((dyr[j] * w[j] - xr[j] * inv * mean) * inv);
@@ -313,7 +339,7 @@ multiversion! {
         for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
             let (mean, inv) = mean_inverse(xr, eps);
             for (((yj, &xj), &wj), &bj) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                yj.write(((xj - mean) * inv) * wj + bj);
+                yj.write(((xj - mean) * inv).mul_add(wj, bj));
             }
         }
     }
@@ -333,8 +359,8 @@ multiversion! {
             let (mean, inv) = mean_inverse(xr, eps);
             // dx = (g - mean(g) - n * mean(g * n)) * inv with n = (x - mean) * inv and
             // g = dy * w.
-            let mg = lane_sum3(dyr, w, w, |d, w, _| d * w) / h as f32;
-            let mgn = lane_sum3(dyr, w, xr, |d, w, x| (d * w) * ((x - mean) * inv)) / h as f32;
+            let mg = lane_dot(dyr, w) / h as f32;
+            let mgn = lane_dot3(dyr, w, xr, |d, w, x| (d * w, (x - mean) * inv)) / h as f32;
             for (j, d) in dxr.iter_mut().enumerate() {
                 d.write((dyr[j] * w[j] - mg - ((xr[j] - mean) * inv) * mgn) * inv);
             }
@@ -2537,5 +2563,20 @@ mod tests {
             acc[i % LANES] += v;
         }
         assert_eq!(sum, reduce_lanes(acc));
+        // Layer norm's fused multiply-adds (its variance and its output): one row of 1,000
+        // through the dispatch against the same formula in the baseline build.
+        let bias: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.07).sin()).collect();
+        let mut fast = vec![MaybeUninit::new(0f32); 1000];
+        layer_norm_rows(&g, &u, &bias, &mut fast, 1e-5);
+        // SAFETY: every element was initialised by `vec!`.
+        let fast: Vec<f32> = fast.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let (mean, inv) = mean_inverse(&g, 1e-5);
+        let slow: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .zip(&bias)
+            .map(|((&x, &w), &b)| ((x - mean) * inv).mul_add(w, b))
+            .collect();
+        assert_eq!(fast, slow);
     }
 }
