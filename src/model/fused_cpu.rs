@@ -114,10 +114,11 @@ fn reduce_lanes(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// `sum(f(a[i], b[i], c[i]))` over [`LANES`] partial sums added in a fixed order (lane
-/// `i % LANES` takes element `i`); the slices have one length.
+/// Folds `step(acc, a[i], b[i], c[i])` over [`LANES`] partial results in a fixed order
+/// (lane `i % LANES` takes element `i`), then adds the lanes ([`reduce_lanes`]); the
+/// slices have one length.
 #[inline(always)]
-fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+fn lane_fold3(a: &[f32], b: &[f32], c: &[f32], step: impl Fn(f32, f32, f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len();
     let full = n - n % LANES;
@@ -126,39 +127,32 @@ fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) 
         .zip(b[..full].chunks_exact(LANES));
     for ((ca, cb), cc) in chunks.zip(c[..full].chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += f(ca[l], cb[l], cc[l]);
+            acc[l] = step(acc[l], ca[l], cb[l], cc[l]);
         }
     }
     for i in full..n {
-        acc[i - full] += f(a[i], b[i], c[i]);
+        acc[i - full] = step(acc[i - full], a[i], b[i], c[i]);
     }
     reduce_lanes(acc)
 }
 
-/// `sum(p * q)` for `(p, q) = f(a[i], b[i], c[i])`, in the lanes of [`lane_sum3`], each
+/// `sum(f(a[i], b[i], c[i]))` over [`lane_fold3`]'s lanes.
+#[inline(always)]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    lane_fold3(a, b, c, |acc, x, y, z| acc + f(x, y, z))
+}
+
+/// `sum(p * q)` for `(p, q) = f(a[i], b[i], c[i])` over [`lane_fold3`]'s lanes, each
 /// product added by a fused multiply-add (one instruction in the AVX2 and AVX-512 loops,
 /// libm's `fmaf` with the same bits elsewhere, as in [`exp`]): one operation fewer an
 /// element than a product and a sum, which counts where AVX-512 runs at half rate (a Zen
 /// 4's layer norm: BENCHMARKS.md, "Session 17").
 #[inline(always)]
 fn lane_dot3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> (f32, f32)) -> f32 {
-    let mut acc = [0f32; LANES];
-    let n = a.len();
-    let full = n - n % LANES;
-    let chunks = a[..full]
-        .chunks_exact(LANES)
-        .zip(b[..full].chunks_exact(LANES));
-    for ((ca, cb), cc) in chunks.zip(c[..full].chunks_exact(LANES)) {
-        for l in 0..LANES {
-            let (p, q) = f(ca[l], cb[l], cc[l]);
-            acc[l] = p.mul_add(q, acc[l]);
-        }
-    }
-    for i in full..n {
-        let (p, q) = f(a[i], b[i], c[i]);
-        acc[i - full] = p.mul_add(q, acc[i - full]);
-    }
-    reduce_lanes(acc)
+    lane_fold3(a, b, c, |acc, x, y, z| {
+        let (p, q) = f(x, y, z);
+        p.mul_add(q, acc)
+    })
 }
 
 /// `sum(a)`, as [`lane_sum3`] adds.
