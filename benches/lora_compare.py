@@ -19,6 +19,7 @@ from one pair of runs seconds apart).
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,16 +81,15 @@ for r in range(ROUNDS):
 print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12} {'rounds: low':>12} {'median':>7}")
 best_taper = {}
 for case, pairs in times.items():
-    pairs = [(a, b) for a, b in pairs if b is not None]
+    pairs = [(ours, theirs) for ours, theirs in pairs if theirs is not None]
     if not pairs:
         print(f"{case:44} {'-':>9} {'-':>9} {'(missing)':>12}")
         continue
     a, b = min(p[0] for p in pairs), min(p[1] for p in pairs)
     best_taper[case] = a
-    ratios = sorted(t / s for s, t in pairs)
-    mid = len(ratios) // 2
-    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    print(f"{case:44} {a:9.3f} {b:9.3f} {b / a:11.2f}x {ratios[0]:11.2f}x {median:6.2f}x")
+    ratios = [theirs / ours for ours, theirs in pairs]
+    low, median = min(ratios), statistics.median(ratios)
+    print(f"{case:44} {a:9.3f} {b:9.3f} {b / a:11.2f}x {low:11.2f}x {median:6.2f}x")
 r8, r64 = best_taper.get("lora_rank_d2048/8"), best_taper.get("lora_rank_d2048/64")
 if r8 and r64:
     print(f"taper rank 64 / rank 8 at d 2048: {r64 / r8:.2f}")

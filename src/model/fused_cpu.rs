@@ -1378,8 +1378,8 @@ fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operan
 /// rows at a time, each along its length (by its source, unpacked below 8,192 rows of
 /// `x`), where for `x W^T` it gathers every packed column of `W` down 64 rows `4 k` bytes
 /// apart. Each element is one gemm sum over all of `k`, as in gemm's own product (the
-/// same bits on the Zen 4 and the Xeon measured), so the blocks, and with them the thread
-/// count, do not change it.
+/// same bits on the Zen 4 and the Xeon measured), added to the low-rank term's when
+/// there is one, so the blocks, and with them the thread count, do not change it.
 fn transposed_product(
     (m, n, k): (usize, usize, usize),
     lhs: Operand,
@@ -1460,7 +1460,7 @@ const TRANSPOSE_NB: usize = 1024;
 /// [`TRANSPOSE_NB`] columns over rayon's threads, each running through the input features
 /// [`TRANSPOSE_KC`] at a time, the slice of `rhs` transposed to row-major in registers
 /// ([`packed::transpose_into`]) and multiplied in by a single-threaded gemm that adds to
-/// the block (the first slice sets it).
+/// the block (the low-rank term sets it first when there is one, else the first slice).
 fn transposing_product(
     (m, n, k): (usize, usize, usize),
     lhs: Operand,
