@@ -16,6 +16,10 @@ use taper::model::fused_cpu;
 use taper::model::lora::{LoraBranch, LoraLinear};
 use taper::model::packed;
 
+/// The `taper` binary's global allocator (`CacheAligned`).
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
 }

@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use taper::formats::{merge, Rounding, DEFAULT_SHARD_SIZE};
 
+/// The `taper` binary's global allocator (`CacheAligned`).
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 fn main() -> ExitCode {
     // As the taper binary does (the merge stage runs in it).
     taper::model::device::keep_freed_buffers();

@@ -14,6 +14,10 @@ use std::time::Instant;
 
 use taper::stages::tokenize::{self, TokenizeConfig};
 
+/// The `taper` binary's global allocator (`CacheAligned`).
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 fn main() -> anyhow::Result<()> {
     // As the taper binary does (the tokenize stage runs in it).
     taper::model::device::keep_freed_buffers();

@@ -18,6 +18,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::{DType, Device, Tensor};
 use taper::stages::{configure, CancelToken, StageContext, StageEvent};
 
+/// The `taper` binary's global allocator (`CacheAligned`).
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 /// The shape of the benchmark model and batch.
 #[derive(Clone, Copy)]
 struct Size {

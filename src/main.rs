@@ -2,6 +2,11 @@
 
 use clap::Parser;
 use taper::cli::{Cli, Command};
+use taper::model::device::CacheAligned;
+
+/// Large buffers start on a cache line (`CacheAligned`'s docs say why).
+#[global_allocator]
+static ALLOC: CacheAligned = CacheAligned;
 
 fn main() {
     taper::model::device::keep_freed_buffers();

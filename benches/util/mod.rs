@@ -6,10 +6,15 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::Criterion;
+use taper::model::device::CacheAligned;
 use taper::model::Llama;
 
+/// The `taper` binary's global allocator, so that the benches measure its buffers.
+#[global_allocator]
+static ALLOC: CacheAligned = CacheAligned;
+
 /// The criterion settings of the benches, after the allocator setting the `taper`
-/// binary starts with (`keep_freed_buffers`).
+/// binary starts with (`keep_freed_buffers`; its global allocator is declared above).
 pub fn config() -> Criterion {
     taper::model::device::keep_freed_buffers();
     Criterion::default()
