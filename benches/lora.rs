@@ -3,9 +3,20 @@
 //! forward+backward of a LoRA layer with the frozen-linear op against a plain matmul, and the forward of a
 //! small Llama built from random weights. Sample sizes are small; run with
 //! `cargo bench --bench lora`. `benches/lora_torch.py` times the same shapes in PyTorch.
+//!
+//! With `TAPER_BENCH_TURNS=1` in its environment the binary runs no criterion bench: it
+//! reads `CASE SECONDS` lines on stdin and answers each with `CASE MS`, the fastest
+//! mean time per call over windows of about 0.1 s run for SECONDS (taper's side of
+//! `benches/lora_compare.py --turns`, which keeps both sides' processes alive and
+//! alternates them a second at a time). Its cases are taper's routines of the criterion
+//! benches below, set up once by [`routine`].
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use taper::model::attention::softmax_last_dim;
 use taper::model::frozen::FrozenLinear;
 use taper::model::fused;
@@ -50,26 +61,91 @@ fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
     (layer, vars)
 }
 
+/// One call of a case, set up (its result dropped inside the call, as criterion's
+/// `iter` drops it inside the timing).
+type Routine = Box<dyn FnMut()>;
+
+/// taper's routine of the criterion bench `id`, set up: the cases `lora_compare.py`
+/// pairs with PyTorch's. `None` for any other id.
+fn routine(id: &str) -> Option<Routine> {
+    let parts: Vec<&str> = id.split('/').collect();
+    let lora = |d: usize, r: usize| -> Routine {
+        let x = randn(&[BATCH, SEQ, d]);
+        let (layer, _) = lora_layer(d, r, false);
+        Box::new(move || drop(layer.forward_t(&x, false).unwrap()))
+    };
+    Some(match parts.as_slice() {
+        ["lora_forward", "r16", d] => lora(d.parse().ok()?, 16),
+        ["lora_rank_d2048", r] => lora(2048, r.parse().ok()?),
+        ["softmax_1024x1024", "taper_differentiable"] => {
+            let x = randn(&[1024, 1024]);
+            Box::new(move || drop(softmax_last_dim(&x).unwrap()))
+        }
+        ["rms_norm_4x128x2048", "taper_differentiable"] => {
+            let norm = RmsNorm::new(randn(&[2048]), 1e-5);
+            let x = randn(&[BATCH, SEQ, 2048]);
+            Box::new(move || drop(norm.forward_t(&x, false).unwrap()))
+        }
+        ["layer_norm_4x128x2048", "taper_differentiable"] => {
+            // Not used by Llama or Qwen2 (they use RMSNorm); here to compare with the
+            // seed's suite.
+            let x = randn(&[BATCH, SEQ, 2048]);
+            let (w, b) = (randn(&[2048]), randn(&[2048]));
+            Box::new(move || drop(fused::layer_norm(&x, &w, &b, 1e-5).unwrap()))
+        }
+        ["lora_fwd_bwd_d2048_r16", "frozen_op"] => {
+            // The input needs a gradient, as in any block below another adapted one;
+            // otherwise backprop never enters the base product. The layer as taper runs
+            // it: on the CPU in f32 one fused op (`fused::lora_linear`), whose backward
+            // skips the frozen weight's gradient as the frozen-linear op does.
+            let x = Var::from_tensor(&randn(&[BATCH, SEQ, 2048])).unwrap();
+            let (layer, _vars) = lora_layer(2048, 16, true);
+            Box::new(move || {
+                let x = x.as_tensor();
+                let out = layer.forward_t(x, true).unwrap();
+                let grads = out.sum_all().unwrap().backward().unwrap();
+                assert!(grads.get(x).is_some());
+                assert!(grads.get(layer.base().weight().unwrap()).is_none());
+            })
+        }
+        ["llama_h512_l8_forward", "1x128"] => {
+            let dir = tempfile::tempdir().unwrap();
+            let model = bench_llama(dir.path());
+            let ids: Vec<u32> = (0..SEQ as u32).map(|t| (t * 37) % 8192).collect();
+            let ids = Tensor::from_vec(ids, (1, SEQ), &Device::Cpu).unwrap();
+            Box::new(move || {
+                let _dir = &dir;
+                drop(model.forward(&ids, None, false).unwrap())
+            })
+        }
+        _ => return None,
+    })
+}
+
+/// Benches taper's routine of `group/name` in `group`.
+fn bench_routine<M: criterion::measurement::Measurement>(
+    group: &mut criterion::BenchmarkGroup<M>,
+    id: BenchmarkId,
+    full: &str,
+) {
+    let mut run = routine(full).unwrap_or_else(|| panic!("no routine for {full}"));
+    group.bench_function(id, |b| b.iter(&mut run));
+}
+
 fn lora_forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("lora_forward");
     for d in [512, 2048] {
-        let x = randn(&[BATCH, SEQ, d]);
-        let (layer, _) = lora_layer(d, 16, false);
-        group.bench_with_input(BenchmarkId::new("r16", d), &d, |bench, _| {
-            bench.iter(|| layer.forward_t(&x, false).unwrap())
-        });
+        let full = format!("lora_forward/r16/{d}");
+        bench_routine(&mut group, BenchmarkId::new("r16", d), &full);
     }
     group.finish();
 }
 
 fn lora_rank_scaling(c: &mut Criterion) {
     let mut group = c.benchmark_group("lora_rank_d2048");
-    let x = randn(&[BATCH, SEQ, 2048]);
     for r in [8, 16, 32, 64] {
-        let (layer, _) = lora_layer(2048, r, false);
-        group.bench_with_input(BenchmarkId::from_parameter(r), &r, |bench, _| {
-            bench.iter(|| layer.forward_t(&x, false).unwrap())
-        });
+        let full = format!("lora_rank_d2048/{r}");
+        bench_routine(&mut group, BenchmarkId::from_parameter(r), &full);
     }
     group.finish();
 }
@@ -77,9 +153,8 @@ fn lora_rank_scaling(c: &mut Criterion) {
 fn softmax(c: &mut Criterion) {
     let mut group = c.benchmark_group("softmax_1024x1024");
     let x = randn(&[1024, 1024]);
-    group.bench_function("taper_differentiable", |b| {
-        b.iter(|| softmax_last_dim(&x).unwrap())
-    });
+    let id = BenchmarkId::from_parameter("taper_differentiable");
+    bench_routine(&mut group, id, "softmax_1024x1024/taper_differentiable");
     group.bench_function("candle_fused_no_backward", |b| {
         b.iter(|| candle_nn::ops::softmax_last_dim(&x).unwrap())
     });
@@ -90,10 +165,8 @@ fn rms_norm(c: &mut Criterion) {
     let mut group = c.benchmark_group("rms_norm_4x128x2048");
     let x = randn(&[BATCH, SEQ, 2048]);
     let w = randn(&[2048]);
-    let norm = RmsNorm::new(w.clone(), 1e-5);
-    group.bench_function("taper_differentiable", |b| {
-        b.iter(|| norm.forward_t(&x, false).unwrap())
-    });
+    let id = BenchmarkId::from_parameter("taper_differentiable");
+    bench_routine(&mut group, id, "rms_norm_4x128x2048/taper_differentiable");
     group.bench_function("candle_fused_no_backward", |b| {
         b.iter(|| candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap())
     });
@@ -101,13 +174,11 @@ fn rms_norm(c: &mut Criterion) {
 }
 
 fn layer_norm(c: &mut Criterion) {
-    // Not used by Llama or Qwen2 (they use RMSNorm); here to compare with the seed's suite.
     let mut group = c.benchmark_group("layer_norm_4x128x2048");
     let x = randn(&[BATCH, SEQ, 2048]);
     let (w, b) = (randn(&[2048]), randn(&[2048]));
-    group.bench_function("taper_differentiable", |bench| {
-        bench.iter(|| fused::layer_norm(&x, &w, &b, 1e-5).unwrap())
-    });
+    let id = BenchmarkId::from_parameter("taper_differentiable");
+    bench_routine(&mut group, id, "layer_norm_4x128x2048/taper_differentiable");
     group.bench_function("candle_fused_no_backward", |bench| {
         bench.iter(|| candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap())
     });
@@ -116,27 +187,13 @@ fn layer_norm(c: &mut Criterion) {
 
 fn lora_forward_backward(c: &mut Criterion) {
     let mut group = c.benchmark_group("lora_fwd_bwd_d2048_r16");
-    // The input needs a gradient, as in any block below another adapted one; otherwise
-    // backprop never enters the base product and both variants do the same work.
+    let id = BenchmarkId::from_parameter("frozen_op");
+    bench_routine(&mut group, id, "lora_fwd_bwd_d2048_r16/frozen_op");
+    // The same shapes with the base through candle's matmul: backprop also computes the
+    // base-weight gradient nobody uses.
     let x = Var::from_tensor(&randn(&[BATCH, SEQ, 2048])).unwrap();
     let x = x.as_tensor();
     let (layer, vars) = lora_layer(2048, 16, true);
-    // The layer as taper runs it: on the CPU in f32 one fused op (`fused::lora_linear`),
-    // whose backward skips the frozen weight's gradient as the frozen-linear op does.
-    group.bench_function("frozen_op", |b| {
-        b.iter(|| {
-            let grads = layer
-                .forward_t(x, true)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            assert!(grads.get(x).is_some() && grads.get(layer.base().weight().unwrap()).is_none());
-        })
-    });
-    // The same layer with the base through candle's matmul: backprop also computes the
-    // base-weight gradient nobody uses.
     let w = layer.base().weight().unwrap().clone();
     let (a, bm) = (vars[0].as_tensor().clone(), vars[1].as_tensor().clone());
     group.bench_function("plain_matmul", |b| {
@@ -172,15 +229,44 @@ fn attention(c: &mut Criterion) {
 }
 
 fn model_forward(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = bench_llama(dir.path());
-    let ids: Vec<u32> = (0..SEQ as u32).map(|t| (t * 37) % 8192).collect();
-    let ids = Tensor::from_vec(ids, (1, SEQ), &Device::Cpu).unwrap();
     let mut group = c.benchmark_group("llama_h512_l8_forward");
-    group.bench_function("1x128", |b| {
-        b.iter(|| model.forward(&ids, None, false).unwrap())
-    });
+    let id = BenchmarkId::from_parameter("1x128");
+    bench_routine(&mut group, id, "llama_h512_l8_forward/1x128");
     group.finish();
+}
+
+/// The `TAPER_BENCH_TURNS` mode (module docs): each case set up at its first request, run
+/// once to warm up, then timed in windows of about 0.1 s for the seconds asked.
+fn turns() {
+    let mut cases: HashMap<String, Routine> = HashMap::new();
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let Some((case, seconds)) = line.split_once(' ') else {
+            continue;
+        };
+        let seconds: f64 = seconds.trim().parse().expect("seconds");
+        if !cases.contains_key(case) {
+            let mut run = routine(case).unwrap_or_else(|| panic!("no routine for {case}"));
+            run();
+            cases.insert(case.to_string(), run);
+        }
+        let run = cases.get_mut(case).expect("set up above");
+        let (start, window) = (Instant::now(), Duration::from_millis(100));
+        let mut best = f64::INFINITY;
+        while start.elapsed().as_secs_f64() < seconds {
+            let (w0, mut calls) = (Instant::now(), 0u32);
+            while calls == 0 || w0.elapsed() < window {
+                run();
+                calls += 1;
+            }
+            best = best.min(w0.elapsed().as_secs_f64() / f64::from(calls));
+        }
+        let mut out = stdout.lock();
+        writeln!(out, "{case} {:.6}", best * 1e3)
+            .and_then(|()| out.flush())
+            .expect("stdout");
+    }
 }
 
 criterion_group! {
@@ -188,4 +274,13 @@ criterion_group! {
     config = util::config();
     targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, attention, model_forward
 }
-criterion_main!(benches);
+fn main() {
+    if std::env::var_os("TAPER_BENCH_TURNS").is_some() {
+        // As criterion's configuration does for the benches (`keep_freed_buffers`).
+        taper::model::device::keep_freed_buffers();
+        return turns();
+    }
+    // What `criterion_main!(benches)` expands to.
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

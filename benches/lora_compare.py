@@ -6,7 +6,14 @@ over a window of calls (criterion: its fastest sample, time / iterations; PyTorc
 fastest window of about 0.1 s, the same estimator). Interference only ever adds time,
 so the fastest of several is the closest either side gets to its own speed.
 
-    python3 benches/lora_compare.py [THREADS] [ROUNDS] [FILTER]   (default 2 3 "")
+    python3 benches/lora_compare.py [THREADS] [ROUNDS] [FILTER] [--turns]   (default 2 3 "")
+
+With --turns both sides' processes stay alive for the whole run (the `lora` bench binary
+with TAPER_BENCH_TURNS=1, `lora_torch.py --turns`) and take turns a second at a time:
+for each round and case, one second of taper's calls, then one of PyTorch's (PyTorch
+first in odd rounds), each side's fastest window of about 0.1 s kept. No process
+starts between the two sides of a pair, so they run about a second apart instead of
+several, and rounds are cheap enough to take 10 or more.
 
 Needs cargo and python3 with torch (transformers for the Llama case); with
 TAPER_BENCH_BIN set to a built `lora` bench binary (`cargo bench --bench lora --no-run`
@@ -24,9 +31,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-THREADS = sys.argv[1] if len(sys.argv) > 1 else "2"
-ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-FILTER = sys.argv[3] if len(sys.argv) > 3 else ""
+ARGS = [a for a in sys.argv[1:] if a != "--turns"]
+TURNS = "--turns" in sys.argv[1:]
+THREADS = ARGS[0] if len(ARGS) > 0 else "2"
+ROUNDS = int(ARGS[1]) if len(ARGS) > 1 else 3
+FILTER = ARGS[2] if len(ARGS) > 2 else ""
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 
@@ -72,11 +81,49 @@ def torch_case(name):
     return None
 
 
+class Side:
+    """A side's process in --turns mode: `CASE SECONDS` lines in, `CASE MS` lines out."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+
+    def time(self, case, seconds=1.0):
+        self.proc.stdin.write(f"{case} {seconds}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"{self.proc.args[0]} ended at {case}")
+        ms = line.rstrip("\n").rpartition(" ")[2]
+        return None if ms == "-" else float(ms)
+
+
 times = {case: [] for case in PAIRS}
-for r in range(ROUNDS):
-    for case, name in PAIRS.items():
-        times[case].append((taper_case(case), torch_case(name)))
-    print(f"round {r + 1} of {ROUNDS} done", file=sys.stderr)
+if TURNS:
+    env = dict(os.environ, RAYON_NUM_THREADS=THREADS, TAPER_BENCH_TURNS="1")
+    binary = os.environ.get("TAPER_BENCH_BIN")
+    taper = Side([binary] if binary else ["cargo", "bench", "--bench", "lora"], env)
+    torch = Side([sys.executable, str(ROOT / "benches" / "lora_torch.py"), THREADS,
+                  "--turns"])
+    for r in range(ROUNDS):
+        for case, name in PAIRS.items():
+            if r % 2 == 0:
+                ours = taper.time(case)
+                theirs = torch.time(name)
+            else:
+                theirs = torch.time(name)
+                ours = taper.time(case)
+            times[case].append((ours, theirs))
+        print(f"round {r + 1} of {ROUNDS} done", file=sys.stderr)
+    for side in (taper, torch):
+        side.proc.stdin.close()
+        side.proc.wait()
+else:
+    for r in range(ROUNDS):
+        for case, name in PAIRS.items():
+            times[case].append((taper_case(case), torch_case(name)))
+        print(f"round {r + 1} of {ROUNDS} done", file=sys.stderr)
 
 print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12} {'rounds: low':>12} {'median':>7}")
 best_taper = {}
