@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use taper::plan::{check_stage, make_plan, Action, History, PlanOptions};
 use taper::state::{FileHash, HashCache, Layout, Ledger, StageRunRow};
 
+/// The `taper` binary's global allocator (`CacheAligned`), so that the bench measures its
+/// buffers.
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 /// Writes a pipeline of `n` command stages: each reads its own input and, every tenth
 /// stage, the previous stage's output; each writes one output.
 fn generate(root: &Path, n: usize) -> PathBuf {

@@ -10,6 +10,11 @@ use std::sync::atomic::AtomicBool;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use taper::stages::tokenize::{self, TokenizeConfig};
 
+/// The `taper` binary's global allocator (`CacheAligned`), so that the bench measures its
+/// buffers.
+#[global_allocator]
+static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+
 /// About `bytes` of JSONL text, generated deterministically from a word list.
 fn corpus(bytes: usize) -> String {
     const WORDS: &[&str] = &[
