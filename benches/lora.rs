@@ -12,6 +12,7 @@
 //! benches below, set up once by [`routine`].
 
 use std::collections::HashMap;
+use std::hint::black_box;
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -72,26 +73,26 @@ fn routine(id: &str) -> Option<Routine> {
     let lora = |d: usize, r: usize| -> Routine {
         let x = randn(&[BATCH, SEQ, d]);
         let (layer, _) = lora_layer(d, r, false);
-        Box::new(move || drop(layer.forward_t(&x, false).unwrap()))
+        Box::new(move || drop(black_box(layer.forward_t(&x, false).unwrap())))
     };
     Some(match parts.as_slice() {
         ["lora_forward", "r16", d] => lora(d.parse().ok()?, 16),
         ["lora_rank_d2048", r] => lora(2048, r.parse().ok()?),
         ["softmax_1024x1024", "taper_differentiable"] => {
             let x = randn(&[1024, 1024]);
-            Box::new(move || drop(softmax_last_dim(&x).unwrap()))
+            Box::new(move || drop(black_box(softmax_last_dim(&x).unwrap())))
         }
         ["rms_norm_4x128x2048", "taper_differentiable"] => {
             let norm = RmsNorm::new(randn(&[2048]), 1e-5);
             let x = randn(&[BATCH, SEQ, 2048]);
-            Box::new(move || drop(norm.forward_t(&x, false).unwrap()))
+            Box::new(move || drop(black_box(norm.forward_t(&x, false).unwrap())))
         }
         ["layer_norm_4x128x2048", "taper_differentiable"] => {
             // Not used by Llama or Qwen2 (they use RMSNorm); here to compare with the
             // seed's suite.
             let x = randn(&[BATCH, SEQ, 2048]);
             let (w, b) = (randn(&[2048]), randn(&[2048]));
-            Box::new(move || drop(fused::layer_norm(&x, &w, &b, 1e-5).unwrap()))
+            Box::new(move || drop(black_box(fused::layer_norm(&x, &w, &b, 1e-5).unwrap())))
         }
         ["lora_fwd_bwd_d2048_r16", "frozen_op"] => {
             // The input needs a gradient, as in any block below another adapted one;
@@ -115,7 +116,7 @@ fn routine(id: &str) -> Option<Routine> {
             let ids = Tensor::from_vec(ids, (1, SEQ), &Device::Cpu).unwrap();
             Box::new(move || {
                 let _dir = &dir;
-                drop(model.forward(&ids, None, false).unwrap())
+                drop(black_box(model.forward(&ids, None, false).unwrap()))
             })
         }
         _ => return None,
@@ -275,7 +276,7 @@ criterion_group! {
     targets = lora_forward, lora_rank_scaling, softmax, rms_norm, layer_norm, lora_forward_backward, attention, model_forward
 }
 fn main() {
-    if std::env::var_os("TAPER_BENCH_TURNS").is_some() {
+    if std::env::var("TAPER_BENCH_TURNS").is_ok_and(|v| v == "1") {
         // As criterion's configuration does for the benches (`keep_freed_buffers`).
         taper::model::device::keep_freed_buffers();
         return turns();

@@ -11,9 +11,9 @@ so the fastest of several is the closest either side gets to its own speed.
 With --turns both sides' processes stay alive for the whole run (the `lora` bench binary
 with TAPER_BENCH_TURNS=1, `lora_torch.py --turns`) and take turns a second at a time:
 for each round and case, one second of taper's calls, then one of PyTorch's (PyTorch
-first in odd rounds), each side's fastest window of about 0.1 s kept. No process
-starts between the two sides of a pair, so they run about a second apart instead of
-several, and rounds are cheap enough to take 10 or more.
+first every second round, from the second), each side's fastest window of about 0.1 s
+kept. No process starts between the two sides of a pair, so they run about a second
+apart instead of several, and rounds are cheap enough to take 10 or more.
 
 Needs cargo and python3 with torch (transformers for the Llama case); with
 TAPER_BENCH_BIN set to a built `lora` bench binary (`cargo bench --bench lora --no-run`
@@ -85,9 +85,9 @@ class Side:
     """A side's process in --turns mode: `CASE SECONDS` lines in, `CASE MS` lines out."""
 
     def __init__(self, args, env=None):
+        # stderr passes through: cargo's build errors, a panic or a traceback show.
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                     stdout=subprocess.PIPE, text=True)
 
     def time(self, case, seconds=1.0):
         self.proc.stdin.write(f"{case} {seconds}\n")
@@ -95,7 +95,9 @@ class Side:
         line = self.proc.stdout.readline()
         if not line:
             sys.exit(f"{self.proc.args[0]} ended at {case}")
-        ms = line.rstrip("\n").rpartition(" ")[2]
+        name, _, ms = line.rstrip("\n").rpartition(" ")
+        if name != case:
+            sys.exit(f"{self.proc.args[0]} answered {line!r} to {case}")
         return None if ms == "-" else float(ms)
 
 

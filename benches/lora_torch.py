@@ -83,7 +83,7 @@ with torch.no_grad():
     bench("rms_norm_4x128x2048", lambda x=x, g=g: torch.nn.functional.rms_norm(x, (2048,), g, 1e-5))
     bb = randn(2048)
     bench("layer_norm_4x128x2048",
-          lambda x=x, g=g: torch.nn.functional.layer_norm(x, (2048,), g, bb, 1e-5))
+          lambda x=x, g=g, bb=bb: torch.nn.functional.layer_norm(x, (2048,), g, bb, 1e-5))
 
 # Forward + backward of one LoRA layer: frozen base weight (no gradient), trainable A and
 # B, an input that needs a gradient (as in any block below another adapted one).
@@ -118,7 +118,8 @@ try:
             bench(name, lambda attn=attn: forward(attn))
 except ImportError:
     if any(only in name for name in names):
-        print("llama_h512_l8_forward: skipped (transformers not installed)")
+        print("llama_h512_l8_forward: skipped (transformers not installed)",
+              file=sys.stderr if TURNS else sys.stdout)
 
 if TURNS:
     for line in sys.stdin:

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use taper::plan::{check_stage, make_plan, Action, History, PlanOptions};
 use taper::state::{FileHash, HashCache, Layout, Ledger, StageRunRow};
 
-/// The `taper` binary's global allocator (`CacheAligned`), so that the bench measures its
-/// buffers.
+/// The `taper` binary's global allocator (`CacheAligned`).
 #[global_allocator]
 static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
 

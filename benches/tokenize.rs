@@ -10,8 +10,7 @@ use std::sync::atomic::AtomicBool;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use taper::stages::tokenize::{self, TokenizeConfig};
 
-/// The `taper` binary's global allocator (`CacheAligned`), so that the bench measures its
-/// buffers.
+/// The `taper` binary's global allocator (`CacheAligned`).
 #[global_allocator]
 static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
 

@@ -102,13 +102,13 @@ pub fn keep_freed_buffers() {
 
 /// The global allocator of the `taper` binary, its benches and its examples: the system
 /// allocator, with every block of [`ALIGNED_FROM`] bytes or more aligned to a 64-byte
-/// cache line (PyTorch aligns its CPU tensors the same way).
+/// cache line (PyTorch aligns all its CPU allocations to 64 bytes).
 ///
 /// glibc's `malloc` aligns blocks to 16 bytes, so a tensor's buffer started mid-line and
 /// every 64-byte AVX-512 load or store of the kernels in [`super::fused_cpu`] straddled
 /// two lines. On the device machine's Xeon, aligning them made layer norm at 4 x 128 x
 /// 2048 1.06-1.14x faster and RMSNorm 1.02-1.17x (BENCHMARKS.md, "Session 18"); on the
-/// AMD VM, whose AVX-512 runs as two 32-byte halves, it changed nothing measurable.
+/// AMD VM, whose AVX-512 runs as two 32-byte halves, 0.96-1.01x, within its noise.
 /// Smaller blocks keep `malloc`'s own alignment. Declare it in a binary with
 /// `#[global_allocator] static ALLOC: CacheAligned = CacheAligned;`.
 pub struct CacheAligned;
@@ -211,10 +211,16 @@ mod tests {
     fn cache_aligned_blocks_start_on_a_line_and_keep_their_bytes() {
         let a = CacheAligned;
         let lay = |size| Layout::from_size_align(size, 4).unwrap();
+        // SAFETY: every block is checked non-null before use, written and read within
+        // its size, and freed once with the layout it was allocated or resized to.
         unsafe {
+            let live = |p: *mut u8, what: &str| {
+                assert!(!p.is_null(), "{what}: no block");
+                p
+            };
             // Many blocks: malloc alone puts a block on a line about one time in four.
             let blocks: Vec<_> = (0..16)
-                .map(|i| (a.alloc(lay(ALIGNED_FROM + 4 * i)), i))
+                .map(|i| (live(a.alloc(lay(ALIGNED_FROM + 4 * i)), "alloc"), i))
                 .collect();
             for &(p, i) in &blocks {
                 assert_eq!(p as usize % LINE, 0, "block {i}");
@@ -223,32 +229,41 @@ mod tests {
                 a.dealloc(p, lay(ALIGNED_FROM + 4 * i));
             }
             // Zeroed blocks: aligned and zero.
-            let z = a.alloc_zeroed(lay(1 << 20));
+            let z = live(a.alloc_zeroed(lay(1 << 20)), "alloc_zeroed");
             assert_eq!(z as usize % LINE, 0);
             assert!(std::slice::from_raw_parts(z, 1 << 20)
                 .iter()
                 .all(|&b| b == 0));
             a.dealloc(z, lay(1 << 20));
-            // Growing a small block past the threshold, then past a mmap-sized one, then
-            // shrinking it below the threshold again: its bytes survive each move.
-            let mut size = 100;
-            let p = a.alloc(lay(size));
-            for j in 0..size {
-                *p.add(j) = j as u8;
-            }
-            let mut p = p;
-            for new_size in [ALIGNED_FROM * 2, 64 << 20, 200, 60] {
-                p = a.realloc(p, lay(size), new_size);
-                assert!(!p.is_null());
-                if new_size >= ALIGNED_FROM {
-                    assert_eq!(p as usize % LINE, 0, "grown to {new_size}");
+            // Small blocks grown past the threshold, then past a mmap-sized one, then
+            // shrunk below the threshold again: each lands on a line while large, and
+            // its bytes survive each move.
+            for block in 0..8 {
+                let mut size = 100 + 8 * block;
+                let mut p = live(a.alloc(lay(size)), "small alloc");
+                for j in 0..size {
+                    *p.add(j) = j as u8;
                 }
-                for j in 0..size.min(new_size).min(100) {
-                    assert_eq!(*p.add(j), j as u8, "byte {j} after the move to {new_size}");
+                for new_size in [ALIGNED_FROM * 2, 64 << 20, 200, 60] {
+                    p = live(a.realloc(p, lay(size), new_size), "realloc");
+                    if new_size >= ALIGNED_FROM {
+                        assert_eq!(p as usize % LINE, 0, "block {block} grown to {new_size}");
+                    }
+                    for j in 0..size.min(new_size).min(100) {
+                        assert_eq!(*p.add(j), j as u8, "byte {j} after the move to {new_size}");
+                    }
+                    size = new_size;
                 }
-                size = new_size;
+                a.dealloc(p, lay(size));
             }
-            a.dealloc(p, lay(size));
+            // A caller's own alignment above a line is kept, through a move too.
+            let wide = |size| Layout::from_size_align(size, 256).unwrap();
+            let p = live(a.alloc(wide(ALIGNED_FROM)), "wide alloc");
+            assert_eq!(p as usize % 256, 0);
+            *p = 7;
+            let p = live(a.realloc(p, wide(ALIGNED_FROM), 1 << 20), "wide realloc");
+            assert_eq!((p as usize % 256, *p), (0, 7));
+            a.dealloc(p, wide(1 << 20));
         }
         // Layouts below the threshold, or already aligned, are the caller's.
         assert_eq!(CacheAligned::layout(lay(64)), lay(64));
