@@ -247,12 +247,11 @@ fn turns() {
             continue;
         };
         let seconds: f64 = seconds.trim().parse().expect("seconds");
-        if !cases.contains_key(case) {
+        let run = cases.entry(case.to_string()).or_insert_with(|| {
             let mut run = routine(case).unwrap_or_else(|| panic!("no routine for {case}"));
             run();
-            cases.insert(case.to_string(), run);
-        }
-        let run = cases.get_mut(case).expect("set up above");
+            run
+        });
         let (start, window) = (Instant::now(), Duration::from_millis(100));
         let mut best = f64::INFINITY;
         while start.elapsed().as_secs_f64() < seconds {
