@@ -1373,8 +1373,10 @@ fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operan
 /// [`matmul_new`] for a column-major `rhs` large beside `lhs` ([`transposes_output`]):
 /// `lhs` `[m, k]` is transposed to `[k, m]` in registers (slices of the features over the
 /// threads), each thread multiplies a block of `W`'s rows (`W = rhs^T` `[n, k]`, row-major
-/// as stored) by it with a single-threaded gemm into `y^T` `[n, m]`, and `y^T` is
-/// transposed back (blocks of rows over the threads). gemm reads `W` for that product six
+/// as stored) by it with a single-threaded gemm into its block of `y^T` `[n, m]`, and
+/// `y^T` is transposed back: each block into its columns of `y` right away where the
+/// block fits a thread's L2 ([`HOT_BLOCK_BYTES`]), otherwise by blocks of rows after all
+/// the products. gemm reads `W` for that product six
 /// rows at a time, each along its length (by its source, unpacked below 8,192 rows of
 /// `x`), where for `x W^T` it gathers every packed column of `W` down 64 rows `4 k` bytes
 /// apart. Each element is one gemm sum over all of `k`, as in gemm's own product (the
@@ -1392,21 +1394,32 @@ fn transposed_product(
     let transpose_x = |out: SendPtr, c: usize| {
         let e = (c + kb).min(k);
         // SAFETY: the block writes rows c..e of the k x m buffer, its own.
-        unsafe { packed::transpose_to(lhs.0, lhs.1, 0..m, c..e, out.get().add(c * m)) }
+        unsafe { packed::transpose_to(lhs.0, lhs.1, 0..m, c..e, (out.get().add(c * m), m)) }
     };
     // SAFETY: the blocks cover rows 0..k of x^T, each written whole once (above).
     let xt = unsafe { par_blocks(k * m, (k, kb), transpose_x) };
-    // y^T [n, m], blocks of W's rows.
+    // y^T [n, m] by blocks of W's rows; each block transposed into its columns of y
+    // right after its product when it fits a thread's L2 (`HOT_BLOCK_BYTES`), otherwise
+    // all of y^T first and then y by blocks of rows.
     let nb = n.div_ceil(threads).next_multiple_of(16).min(n);
+    let hot = nb * m * 4 <= HOT_BLOCK_BYTES;
+    // `out` is y when `hot`, otherwise y^T.
     let product = |out: SendPtr, start: usize| {
         let len = nb.min(n - start);
+        let mut own = Vec::<f32>::with_capacity(if hot { len * m } else { 0 });
         // SAFETY: matmul_plus's checks keep W's rows start..start + len (elements
         // `j * rhs.2 + p`, p < k) and the low-rank term's reads inside their slices;
-        // x^T is k x m; `out` has room for n x m at row stride m and the blocks write
-        // disjoint rows, each element overwritten by the first product into it
-        // (`read_dst` false, as in matmul_plus).
+        // x^T is k x m; the block's len x m at row stride m lie in `own` (hot) or in rows
+        // start..start + len of y^T (n x m), this block's own, each element overwritten
+        // by the first product into it (`read_dst` false, as in matmul_plus), so all of
+        // it is initialised before the transpose reads it, which writes columns
+        // start..start + len of the m x n result, this block's own.
         unsafe {
-            let dst = out.get().add(start * m);
+            let dst = if hot {
+                own.as_mut_ptr()
+            } else {
+                out.get().add(start * m)
+            };
             if let Some(low) = low {
                 // y^T's term: s rhs'^T lhs'^T.
                 low.transposed().start_block((start, len), (0, m), (dst, m));
@@ -1417,21 +1430,37 @@ fn transposed_product(
                 low.is_some(),
                 (rhs.0.as_ptr().add(start * rhs.2), rhs.2, 1),
                 (xt.as_ptr(), m, 1),
-            )
+            );
+            if hot {
+                own.set_len(len * m);
+                packed::transpose_to(&own, m, 0..len, 0..m, (out.get().add(start), n))
+            }
         }
     };
-    // SAFETY: the blocks cover rows 0..n of y^T, each written once (above).
+    // SAFETY: the blocks cover rows 0..n of y^T, each written once (above), or when
+    // `hot` columns 0..n of y.
     let yt = unsafe { par_blocks(n * m, (n, nb), product) };
+    if hot {
+        return yt;
+    }
     drop(xt);
     let mb = m.div_ceil(threads).next_multiple_of(8).min(m);
     let transpose_y = |out: SendPtr, i: usize| {
         let e = (i + mb).min(m);
         // SAFETY: the block writes rows i..e of the m x n result, its own.
-        unsafe { packed::transpose_to(&yt, m, 0..n, i..e, out.get().add(i * n)) }
+        unsafe { packed::transpose_to(&yt, m, 0..n, i..e, (out.get().add(i * n), n)) }
     };
     // SAFETY: the blocks cover rows 0..m of the result, each written whole once.
     unsafe { par_blocks(m * n, (m, mb), transpose_y) }
 }
+
+/// The largest block of `y^T` a thread of [`transposed_product`] transposes into `y`
+/// right after its product, while the block is still in its caches: 2 MiB, a Xeon's L2.
+/// On the Xeon that read 1.01-1.08x at 512 x 2048 x 2048 (2 MiB blocks on two threads)
+/// and 1.04-1.07x at 128 x 1408 x 512, against 0.98-0.99x at 512 x 5632 x 2048 (blocks of
+/// 5.5 MiB, which keep the separate pass); on a Zen 4, 0.96-1.03x (BENCHMARKS.md,
+/// "Session 19").
+const HOT_BLOCK_BYTES: usize = 2 << 20;
 
 /// Whether [`matmul_new`] transposes `rhs` before gemm's product
 /// ([`transposing_product`]): a column-major `rhs` (a linear layer's `x W^T` with `W`
@@ -2225,13 +2254,25 @@ pub fn lora_backward(
     ))
 }
 
+/// Rows of `x` and `g` one gemm call of [`adapter_grads`] sums over.
+const GRAD_ROWS: usize = 64;
+/// Columns of `dA` or `dB^T` a task of [`adapter_grads`] takes.
+const GRAD_COLUMNS: usize = 512;
+
 /// A LoRA linear's adapter gradients from its `m` rows: `dA = s (g B)^T x` `[r, i]` and
 /// `dB = s g^T (x A^T)` `[o, r]`, given `x` `[m, i]`, `g` `[m, o]`, `u = g B` and
-/// `t = x A^T` (both `[m, r]`), row-major slices. Both run as `r`-row products (`dB`
-/// through its transpose `t^T g`) on gemm's own split over the threads, which beat
-/// [`matmul_new`]'s blocks at these thin shapes: 0.27 -> 0.18 ms for `dA` and 0.46 ->
-/// 0.23 ms for `dB` at 512 x 2048, r 16 on a Zen 4, 0.58 -> 0.52 and 0.74 -> 0.65 ms on a
-/// Xeon (BENCHMARKS.md, "Session 16"). gemm gives each element the same sum on any
+/// `t = x A^T` (both `[m, r]`), row-major slices. Both are `r`-row products `s lhs^T rhs`
+/// (`dB` through its transpose `t^T g`), cut into blocks of [`GRAD_COLUMNS`] columns,
+/// the blocks of both spread over rayon's threads; each block sums its rows
+/// [`GRAD_ROWS`] at a time, one single-threaded gemm call each, adding into the block.
+///
+/// gemm reads `x` (or `g`) for these products unpacked, 64 columns down the rows, a
+/// panel it reads again for each 6 of the `r` rows: over all 512 rows of the bench's
+/// layer (`4 i` bytes apart, so that a panel falls in few of the cache's sets) the panel
+/// left the Xeon's L2 between those reads. 64 rows at a time keep it there: 0.70-0.91 ms
+/// against 1.01-1.31 ms for the two gradients at 512 x 2048, r 16, on a Xeon; on a Zen 4
+/// 0.41 ms against 0.37-0.41 ms (BENCHMARKS.md, "Session 19"). Each element's sum runs over the
+/// same calls in the same order whatever the blocks, so the bits do not depend on the
 /// thread count (`the_lora_backward_gives_the_same_bits_on_every_thread_count`).
 pub fn adapter_grads(
     (m, i, o, r): (usize, usize, usize, usize),
@@ -2240,15 +2281,40 @@ pub fn adapter_grads(
     (u, t): (&[f32], &[f32]),
     s: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let threads = rayon::current_num_threads();
-    // s * lhs^T rhs for lhs [m, r] and rhs [m, cols]: [r, cols].
-    let product = |cols: usize, lhs: &[f32], rhs: &[f32]| {
-        let mut out = vec![0f32; r * cols];
-        let (lhs, rhs) = ((lhs, 1, r), (rhs, cols, 1));
-        scaled_matmul((r, cols, m), &mut out, cols, false, lhs, rhs, s, threads);
-        out
-    };
-    let (da, dbt) = (product(i, u, x), product(o, t, g));
+    assert!(
+        x.len() >= m * i && g.len() >= m * o && u.len() >= m * r && t.len() >= m * r,
+        "adapter gradients: operands too short"
+    );
+    let (mut da, mut dbt) = (vec![0f32; r * i], vec![0f32; r * o]);
+    if m > 0 && r > 0 {
+        let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(dbt.as_mut_ptr()));
+        // Per block: the output, its columns, lhs [m, r], rhs [m, cols], first column.
+        let jobs = (0..i)
+            .step_by(GRAD_COLUMNS)
+            .map(|c0| (pa, i, u, x, c0))
+            .chain((0..o).step_by(GRAD_COLUMNS).map(|c0| (pb, o, t, g, c0)))
+            .collect::<Vec<_>>();
+        jobs.into_par_iter().for_each(|(out, cols, lhs, rhs, c0)| {
+            let w = GRAD_COLUMNS.min(cols - c0);
+            for p0 in (0..m).step_by(GRAD_ROWS) {
+                let k = GRAD_ROWS.min(m - p0);
+                // SAFETY: the assert above keeps rows p0..p0 + k of lhs ([m, r]) and of
+                // rhs's columns c0..c0 + w ([m, cols]) inside their slices; the block
+                // writes columns c0..c0 + w of the r x cols output, its own, which the
+                // first call overwrites (`read_dst` false) and the others add to.
+                unsafe {
+                    serial_gemm_scaled(
+                        (r, w, k),
+                        (out.get().add(c0), cols),
+                        p0 > 0,
+                        (lhs.as_ptr().add(p0 * r), 1, r),
+                        (rhs.as_ptr().add(p0 * cols + c0), cols, 1),
+                        s,
+                    )
+                }
+            }
+        });
+    }
     let mut db = vec![0f32; o * r];
     packed::transpose_into(&dbt, o, 0..r, 0..o, &mut db);
     (da, db)
@@ -2458,9 +2524,12 @@ mod tests {
         // rows, columns and features not multiples of 8 (the transposes' scalar edges),
         // blocks of W's rows with a ragged last one, 65 rows (the least the path takes)
         // and its neighbours the rule leaves out (64 rows; a weight too small beside the
-        // rows). The transposed product runs on every CPU (its scalar transposes where
-        // there is no AVX2), and through matmul_new where that picks it.
+        // rows); 130 x 4100 x 144 transposes y^T in a separate pass on one thread (a
+        // block of 2.1 MB, over `HOT_BLOCK_BYTES`) and block by block on two and three.
+        // The transposed product runs on every CPU (its scalar transposes where there is
+        // no AVX2), and through matmul_new where that picks it.
         for ((m, n, k), picked) in [
+            ((130, 4100, 144), true),
             ((70, 300, 530), true),
             ((100, 1100, 256), true),
             ((65, 257, 263), true),

@@ -949,23 +949,24 @@ pub(crate) fn transpose_into(
         t.len() >= rows.len() * cols.len(),
         "packed: transpose target too short"
     );
+    let nb = rows.len();
     // SAFETY: `t` holds the `cols.len() x rows.len()` elements written (asserted).
-    unsafe { transpose_to(w, ld, rows, cols, t.as_mut_ptr()) }
+    unsafe { transpose_to(w, ld, rows, cols, (t.as_mut_ptr(), nb)) }
 }
 
-/// [`transpose_into`] writing through a pointer: into a buffer not yet initialised, which
-/// it fills (every `kk * rows.len() + j` below `cols.len() * rows.len()`).
+/// [`transpose_into`] writing through a pointer, at row stride `ldt` (at least
+/// `rows.len()`): into a buffer not yet initialised, or into a block of columns of a
+/// wider one, which it fills (every `kk * ldt + j`, `kk < cols.len()`, `j < rows.len()`).
 ///
 /// # Safety
 ///
-/// `t` is valid for writes of `cols.len() * rows.len()` elements, and nothing else
-/// accesses them meanwhile.
+/// `t` is valid for writes of those elements, and nothing else accesses them meanwhile.
 pub(crate) unsafe fn transpose_to(
     w: &[f32],
     ld: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
-    t: *mut f32,
+    (t, ldt): (*mut f32, usize),
 ) {
     let (nb, kc) = (rows.len(), cols.len());
     if nb == 0 || kc == 0 {
@@ -981,17 +982,17 @@ pub(crate) unsafe fn transpose_to(
     if simd_available() {
         (jb, kb) = (nb - nb % 8, kc - kc % 8);
         // SAFETY: AVX2 is available; the reads stay below `(rows.end - 1) * ld +
-        // cols.end <= w.len()` (asserted) and the writes below `kc * nb` (the caller's).
+        // cols.end <= w.len()` (asserted) and the writes are the caller's elements.
         unsafe {
             let src = w.as_ptr().add(rows.start * ld + cols.start);
-            avx2::transpose_block(src, ld, (jb, kb), t, nb)
+            avx2::transpose_block(src, ld, (jb, kb), t, ldt)
         }
     }
     for kk in 0..kc {
         let from = if kk < kb { jb } else { 0 };
         for j in from..nb {
-            // SAFETY: kk * nb + j < kc * nb, inside the caller's buffer.
-            unsafe { t.add(kk * nb + j).write(at(j, kk)) };
+            // SAFETY: kk * ldt + j is one of the caller's elements.
+            unsafe { t.add(kk * ldt + j).write(at(j, kk)) };
         }
     }
 }
