@@ -2262,9 +2262,9 @@ const GRAD_COLUMNS: usize = 512;
 /// A LoRA linear's adapter gradients from its `m` rows: `dA = s (g B)^T x` `[r, i]` and
 /// `dB = s g^T (x A^T)` `[o, r]`, given `x` `[m, i]`, `g` `[m, o]`, `u = g B` and
 /// `t = x A^T` (both `[m, r]`), row-major slices. Both are `r`-row products `s lhs^T rhs`
-/// (`dB` through its transpose `t^T g`), cut into blocks of [`GRAD_COLUMNS`] columns,
+/// (`dB` through its transpose `t^T g`), cut into blocks of `GRAD_COLUMNS` (512) columns,
 /// the blocks of both spread over rayon's threads; each block sums its rows
-/// [`GRAD_ROWS`] at a time, one single-threaded gemm call each, adding into the block.
+/// `GRAD_ROWS` (64) at a time, one single-threaded gemm call each, adding into the block.
 ///
 /// gemm reads `x` (or `g`) for these products unpacked, 64 columns down the rows, a
 /// panel it reads again for each 6 of the `r` rows: over all 512 rows of the bench's
