@@ -47,6 +47,12 @@ def forward_no_grad():
         lora(x, w, a, b)
 
 
+def grads_with_u():
+    # taper's `adapter_grads` row: u = g B and both gradients.
+    uu = g @ b2
+    return uu.t() @ x2, g.t() @ t
+
+
 parts = [
     ("layer forward + backward (autograd)", fwd_bwd),
     ("layer forward (recording)", forward),
@@ -56,6 +62,7 @@ parts = [
     ("rank product t = x A^T", lambda: x2 @ a2.t()),
     ("rank product u = g B", lambda: g @ b2),
     ("gradients dA = u^T x, dB = g^T t", lambda: (u.t() @ x2, g.t() @ t)),
+    ("u = g B, dA = u^T x, dB = g^T t", grads_with_u),
 ]
 best = [float("inf")] * len(parts)
 for f in (f for _, f in parts):

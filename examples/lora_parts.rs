@@ -56,7 +56,6 @@ fn main() {
     let (ws, xs, gs) = (flat(&w), flat(&x2), flat(&g));
     let (as_, bs) = (flat(&a), flat(&b));
     let t = fused_cpu::linear(&xs, &as_, (m, r, d));
-    let u = fused_cpu::matmul_new((m, r, d), (&gs, d, 1), (&bs, r, 1));
     let weight = Weight::Tensor(w.clone());
 
     let parts: Vec<Part> = vec![
@@ -95,17 +94,17 @@ fn main() {
             Box::new(|| drop(fused_cpu::linear(&xs, &as_, (m, r, d)))),
         ),
         (
-            "rank product u = g B",
+            "rank product u = g B (alone)",
             Box::new(|| drop(fused_cpu::matmul_new((m, r, d), (&gs, d, 1), (&bs, r, 1)))),
         ),
         (
-            "gradients dA = s u^T x, dB = s g^T t",
+            "u = g B, dA = s u^T x, dB = s g^T t",
             Box::new(|| {
                 drop(fused_cpu::adapter_grads(
                     (m, d, d, r),
                     &xs,
                     &gs,
-                    (&u, &t),
+                    (&bs, &t),
                     2.0,
                 ))
             }),

@@ -2211,19 +2211,17 @@ pub fn lora_backward(
                                 &computed[..]
                             }
                         };
-                        // u = g B [m, r]; with the main product packed, on g's rows
-                        // packed once for both.
-                        let (u, dx) = if need_dx && packs_per_call(m, o) {
+                        // u = g B [m, r], dA and dB; then dx = g W + s u A.
+                        let (u, da, db) = adapter_grads((m, i, o, r), xs, gs, (bs, t), s);
+                        let dx = if need_dx && packs_per_call(m, o) {
+                            // On g's rows packed, the sums continuing into s u A (A as
+                            // stored).
                             let gp = packed::PackedRows::new(gs, m, o);
-                            let u = gp.times_small((bs, 1, r), r);
-                            // s (g B) A continues each sum (A as stored).
                             let su: Vec<f32> = u.iter().map(|v| v * s).collect();
                             let low = Some((&su[..], r, (as_, i, 1)));
-                            let dx = gp.strided_product(i, wm.operand(), low);
-                            (u, Some(dx))
+                            Some(gp.strided_product(i, wm.operand(), low))
                         } else {
-                            let u = matmul_new((m, r, o), (gs, o, 1), (bs, r, 1));
-                            let dx = need_dx.then(|| {
+                            need_dx.then(|| {
                                 // The product starts from s (g B) A (A as stored).
                                 let up = (r > 0).then_some(LowRank {
                                     lhs: (&u, r, 1),
@@ -2232,10 +2230,8 @@ pub fn lora_backward(
                                     s,
                                 });
                                 matmul_plus((m, i, o), (gs, o, 1), wm.operand(), up)
-                            });
-                            (u, dx)
+                            })
                         };
-                        let (da, db) = adapter_grads((m, i, o, r), xs, gs, (&u, t), s);
                         Ok((dx, da, db))
                     })
                 })
@@ -2256,68 +2252,119 @@ pub fn lora_backward(
 
 /// Rows of `x` and `g` one gemm call of [`adapter_grads`] sums over.
 const GRAD_ROWS: usize = 64;
-/// Columns of `dA` or `dB^T` a task of [`adapter_grads`] takes.
+/// Columns of `x` or `g` a task of [`adapter_grads`] takes.
 const GRAD_COLUMNS: usize = 512;
 
-/// A LoRA linear's adapter gradients from its `m` rows: `dA = s (g B)^T x` `[r, i]` and
-/// `dB = s g^T (x A^T)` `[o, r]`, given `x` `[m, i]`, `g` `[m, o]`, `u = g B` and
-/// `t = x A^T` (both `[m, r]`), row-major slices. Both are `r`-row products `s lhs^T rhs`
-/// (`dB` through its transpose `t^T g`), cut into blocks of `GRAD_COLUMNS` (512) columns,
-/// the blocks of both spread over rayon's threads; each block sums its rows
-/// `GRAD_ROWS` (64) at a time, one single-threaded gemm call each, adding into the block.
+/// A LoRA linear's adapter gradients from its `m` rows, given `x` `[m, i]`, `g` `[m, o]`,
+/// `B` `[o, r]` and `t = x A^T` `[m, r]` (row-major slices): `u = g B` `[m, r]` (which
+/// the input's gradient needs too), `dA = s u^T x` `[r, i]` and `dB = s g^T t` `[o, r]`.
 ///
-/// gemm reads `x` (or `g`) for these products unpacked, 64 columns down the rows, a
-/// panel it reads again for each 6 of the `r` rows: over all 512 rows of the bench's
+/// Two passes, each over blocks of `GRAD_COLUMNS` (512) columns spread over rayon's
+/// threads, each block taking its rows `GRAD_ROWS` (64) at a time with single-threaded
+/// gemm calls: over `g`, the block's part of `u` (a partial sum over its columns) and
+/// its columns of `dB^T = s t^T g`, so that `g` is read once for both; then over `x`,
+/// its columns of `dA`. The partial `u`s are added in the blocks' order.
+///
+/// gemm reads `x` (or `g`) for the `r`-row products unpacked, 64 columns down the rows,
+/// a panel it reads again for each 6 of the `r` rows: over all 512 rows of the bench's
 /// layer (`4 i` bytes apart, so that a panel falls in few of the cache's sets) the panel
 /// left the Xeon's L2 between those reads. 64 rows at a time keep it there: 0.70-0.91 ms
-/// against 1.01-1.31 ms for the two gradients at 512 x 2048, r 16, on a Xeon; on a Zen 4
-/// 0.41 ms against 0.37-0.41 ms (BENCHMARKS.md, "Session 19"). Each element's sum runs over the
-/// same calls in the same order whatever the blocks, so the bits do not depend on the
-/// thread count (`the_lora_backward_gives_the_same_bits_on_every_thread_count`).
+/// against 1.01-1.31 ms for `dA` and `dB` at 512 x 2048, r 16, on a Xeon; on a Zen 4
+/// 0.41 ms against 0.37-0.41 ms (BENCHMARKS.md, "Session 19"). The blocks do not depend
+/// on the thread count, and each element's sum runs over the same calls in the same
+/// order, so neither do the bits
+/// (`the_lora_backward_gives_the_same_bits_on_every_thread_count`).
 pub fn adapter_grads(
     (m, i, o, r): (usize, usize, usize, usize),
     x: &[f32],
     g: &[f32],
-    (u, t): (&[f32], &[f32]),
+    (b, t): (&[f32], &[f32]),
     s: f32,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert!(
-        x.len() >= m * i && g.len() >= m * o && u.len() >= m * r && t.len() >= m * r,
+        x.len() >= m * i && g.len() >= m * o && b.len() >= o * r && t.len() >= m * r,
         "adapter gradients: operands too short"
     );
-    let (mut da, mut dbt) = (vec![0f32; r * i], vec![0f32; r * o]);
-    if m > 0 && r > 0 {
-        let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(dbt.as_mut_ptr()));
-        // Per block: the output, its columns, lhs [m, r], rhs [m, cols], first column.
-        let jobs = (0..i)
-            .step_by(GRAD_COLUMNS)
-            .map(|c0| (pa, i, u, x, c0))
-            .chain((0..o).step_by(GRAD_COLUMNS).map(|c0| (pb, o, t, g, c0)))
-            .collect::<Vec<_>>();
-        jobs.into_par_iter().for_each(|(out, cols, lhs, rhs, c0)| {
-            let w = GRAD_COLUMNS.min(cols - c0);
-            for p0 in (0..m).step_by(GRAD_ROWS) {
-                let k = GRAD_ROWS.min(m - p0);
-                // SAFETY: the assert above keeps rows p0..p0 + k of lhs ([m, r]) and of
-                // rhs's columns c0..c0 + w ([m, cols]) inside their slices; the block
-                // writes columns c0..c0 + w of the r x cols output, its own, which the
-                // first call overwrites (`read_dst` false) and the others add to.
-                unsafe {
-                    serial_gemm_scaled(
-                        (r, w, k),
-                        (out.get().add(c0), cols),
-                        p0 > 0,
-                        (lhs.as_ptr().add(p0 * r), 1, r),
-                        (rhs.as_ptr().add(p0 * cols + c0), cols, 1),
-                        s,
-                    )
+    let (mut u, mut da, mut dbt) = (vec![0f32; m * r], vec![0f32; r * i], vec![0f32; r * o]);
+    if m > 0 && r > 0 && o > 0 {
+        // Over g: each block's partial u ([m, r], one after another) and its columns of
+        // dB^T.
+        let blocks = o.div_ceil(GRAD_COLUMNS);
+        let mut parts = vec![0f32; blocks * m * r];
+        let pb = SendPtr(dbt.as_mut_ptr());
+        parts
+            .par_chunks_mut(m * r)
+            .enumerate()
+            .for_each(|(blk, part)| {
+                let c0 = blk * GRAD_COLUMNS;
+                let w = GRAD_COLUMNS.min(o - c0);
+                for p0 in (0..m).step_by(GRAD_ROWS) {
+                    let k = GRAD_ROWS.min(m - p0);
+                    let gb = (g[p0 * o + c0..].as_ptr(), o, 1);
+                    // SAFETY: the assert above keeps rows p0..p0 + k of t ([m, r]) and
+                    // of g's columns c0..c0 + w ([m, o]), and B's rows c0..c0 + w
+                    // ([o, r]), inside their slices. The block writes columns c0..c0 + w
+                    // of the r x o dB^T, its own (the first call overwrites them, the
+                    // others add to them), and rows p0..p0 + k of its own part.
+                    unsafe {
+                        serial_gemm_scaled(
+                            (r, w, k),
+                            (pb.get().add(c0), o),
+                            p0 > 0,
+                            (t[p0 * r..].as_ptr(), 1, r),
+                            gb,
+                            s,
+                        );
+                        serial_gemm(
+                            (k, r, w),
+                            (part[p0 * r..].as_mut_ptr(), r),
+                            false,
+                            gb,
+                            (b[c0 * r..].as_ptr(), r, 1),
+                        );
+                    }
                 }
+            });
+        let mut sums = parts.chunks_exact(m * r);
+        if let Some(first) = sums.next() {
+            u.copy_from_slice(first);
+        }
+        for part in sums {
+            for (uj, pj) in u.iter_mut().zip(part) {
+                *uj += pj;
             }
-        });
+        }
+        // Over x: columns of dA.
+        let pa = SendPtr(da.as_mut_ptr());
+        let u = &u;
+        (0..i)
+            .step_by(GRAD_COLUMNS)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|c0| {
+                let w = GRAD_COLUMNS.min(i - c0);
+                for p0 in (0..m).step_by(GRAD_ROWS) {
+                    let k = GRAD_ROWS.min(m - p0);
+                    // SAFETY: the assert above keeps rows p0..p0 + k of u ([m, r]) and of
+                    // x's columns c0..c0 + w ([m, i]) inside their slices; the block
+                    // writes columns c0..c0 + w of the r x i dA, its own, which the first
+                    // call overwrites and the others add to.
+                    unsafe {
+                        serial_gemm_scaled(
+                            (r, w, k),
+                            (pa.get().add(c0), i),
+                            p0 > 0,
+                            (u[p0 * r..].as_ptr(), 1, r),
+                            (x[p0 * i + c0..].as_ptr(), i, 1),
+                            s,
+                        )
+                    }
+                }
+            });
     }
     let mut db = vec![0f32; o * r];
     packed::transpose_into(&dbt, o, 0..r, 0..o, &mut db);
-    (da, db)
+    (u, da, db)
 }
 
 #[cfg(test)]
@@ -2484,6 +2531,59 @@ mod tests {
     }
 
     #[test]
+    fn adapter_grads_match_f64_sums_over_ragged_blocks() {
+        // 130 rows: two chunks of 64 and a ragged one; 1,100 outputs: two blocks of 512
+        // and a ragged one, so u adds three partial sums; 600 inputs: a ragged dA block.
+        let (m, i, o, r) = (130, 600, 1100, 3);
+        let patterned = |len: usize, a: usize, b: usize| -> Vec<f32> {
+            (0..len)
+                .map(|e| ((e * a % b) as f32 - (b / 2) as f32) / 16.0)
+                .collect()
+        };
+        let (x, g) = (patterned(m * i, 7, 23), patterned(m * o, 5, 19));
+        let (b, t) = (patterned(o * r, 3, 13), patterned(m * r, 11, 17));
+        let s = 1.5;
+        let (u, da, db) = adapter_grads((m, i, o, r), &x, &g, (&b, &t), s);
+        let close = |got: &[f32], want: Vec<f64>, what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (e, (&gv, wv)) in got.iter().zip(want).enumerate() {
+                let tol = 1e-5 * wv.abs().max(1.0);
+                assert!(
+                    (gv as f64 - wv).abs() <= tol,
+                    "{what}[{e}]: {gv} against {wv}"
+                );
+            }
+        };
+        let u64: Vec<f64> = (0..m * r)
+            .map(|e| {
+                let (p, k) = (e / r, e % r);
+                (0..o)
+                    .map(|j| g[p * o + j] as f64 * b[j * r + k] as f64)
+                    .sum()
+            })
+            .collect();
+        let da64 = (0..r * i)
+            .map(|e| {
+                let (k, c) = (e / i, e % i);
+                let sum: f64 = (0..m).map(|p| u64[p * r + k] * x[p * i + c] as f64).sum();
+                s as f64 * sum
+            })
+            .collect();
+        let db64 = (0..o * r)
+            .map(|e| {
+                let (j, k) = (e / r, e % r);
+                let sum: f64 = (0..m)
+                    .map(|p| g[p * o + j] as f64 * t[p * r + k] as f64)
+                    .sum();
+                s as f64 * sum
+            })
+            .collect();
+        close(&u, u64, "u");
+        close(&da, da64, "dA");
+        close(&db, db64, "dB");
+    }
+
+    #[test]
     fn the_lora_backward_gives_the_same_bits_on_every_thread_count() {
         // dx, dA and dB on 1, 2 and 3 threads: ragged sizes, and sizes where gemm splits
         // the adapter's gradients over the threads (above its threading threshold).
@@ -2494,7 +2594,7 @@ mod tests {
                 .collect();
             Tensor::from_vec(v, shape, &dev).unwrap()
         };
-        for (m, i, o, r) in [(300, 260, 270, 5), (512, 700, 400, 8)] {
+        for (m, i, o, r) in [(300, 260, 270, 5), (512, 700, 400, 8), (130, 600, 1100, 3)] {
             let (x, w, g) = (
                 patterned((m, i), 1),
                 patterned((o, i), 2),
