@@ -2,8 +2,9 @@
 //! `x W^T` as training runs it (`fused_cpu::linear`, the transposed product), the
 //! backward's `g W` (`fused_cpu::linear_input_grad`) and gemm's own split of the same
 //! row-major product, fastest of 8 calls each, between two timings of the FMA units'
-//! peak (independent multiply-add chains on every thread of rayon's pool, AVX-512 or
-//! AVX2), and prints each product's GFLOPS and share of the higher peak, per round.
+//! peak (independent multiply-add chains on as many threads as rayon's pool has,
+//! AVX-512 or AVX2), and prints each product's GFLOPS and share of the higher peak, per
+//! round.
 //! `benches/lora_parts_torch.py` times PyTorch's two products at the same shape.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release --example product_peak -- [ROUNDS]`
@@ -135,8 +136,11 @@ fn main() {
     let w = Tensor::randn(0f32, 0.02, (d, d), &dev).unwrap();
     let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // Allocated once, and gemm overwrites it (`read_dst` false): taper's products take
+    // their outputs uninitialised, and zeroing 4 MiB a call here would tilt the rows.
+    let out = std::cell::RefCell::new(vec![0f32; m * d]);
     let gemm_split = || {
-        let mut out = vec![0f32; m * d];
+        let mut out = out.borrow_mut();
         // SAFETY: `out`, `xs` and `ws` hold the m x d, m x d and d x d row-major
         // matrices the strides describe.
         unsafe {
@@ -162,7 +166,7 @@ fn main() {
                 gemm::Parallelism::Rayon(threads),
             )
         }
-        black_box(out);
+        black_box(&mut out[..]);
     };
     let flops = 2.0 * (m * d * d) as f64;
     println!("{m} x {d} x {d} on {threads} threads, fastest of 8 calls");

@@ -315,8 +315,7 @@ pub fn strided_product(
 }
 
 /// The rows of `x` `[m, k]` packed once (`pack_rows`) for several products with them:
-/// a LoRA linear's `x A^T` and `x W^T` in training's forward, `g B` and `g W` in its
-/// backward.
+/// a LoRA linear's `x A^T` and `x W^T` in training's forward, `g W` in its backward.
 pub struct PackedRows {
     xp: Vec<f32>,
     m: usize,
@@ -969,6 +968,7 @@ pub(crate) unsafe fn transpose_to(
     (t, ldt): (*mut f32, usize),
 ) {
     let (nb, kc) = (rows.len(), cols.len());
+    debug_assert!(ldt >= nb, "packed: transpose target's rows overlap");
     if nb == 0 || kc == 0 {
         return;
     }
