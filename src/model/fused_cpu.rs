@@ -1441,11 +1441,13 @@ fn transposed_product(
     };
     // SAFETY: the blocks cover rows 0..n of y^T, each written once (above), or when
     // `hot` columns 0..n of y.
-    let yt = unsafe { par_blocks(n * m, (n, nb), product) };
+    let out = unsafe { par_blocks(n * m, (n, nb), product) };
     if hot {
-        return yt;
+        return out;
     }
+    // Not hot: `out` is y^T.
     drop(xt);
+    let yt = out;
     let mb = m.div_ceil(threads).next_multiple_of(8).min(m);
     let transpose_y = |out: SendPtr, i: usize| {
         let e = (i + mb).min(m);
