@@ -34,12 +34,15 @@ const BATCH: usize = 4;
 const SEQ: usize = 128;
 
 /// A `d x d` LoRA linear of rank `r`. With `trainable`, A and B are variables and the base
-/// weight keeps the layout training uses; otherwise the layer is set up as taper's
+/// weight is set up as the train stage sets it up (`FrozenLinear::store_for_training`);
+/// otherwise the layer is set up as taper's
 /// inference paths (eval, generate) set it up, its weight packed or transposed
 /// (`FrozenLinear::store_for_inference`).
 fn lora_layer(d: usize, r: usize, trainable: bool) -> (LoraLinear, Vec<Var>) {
     let mut layer = LoraLinear::new("bench", FrozenLinear::new(randn(&[d, d]), None));
-    if !trainable {
+    if trainable {
+        layer.store_for_training().unwrap();
+    } else {
         layer.store_for_inference().unwrap();
     }
     let (a, b) = (randn(&[r, d]), randn(&[d, r]));

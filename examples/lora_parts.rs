@@ -1,7 +1,8 @@
 //! Times the parts of one LoRA layer's training step on the CPU (d 2048, r 16, input
 //! `[4, 128, 2048]`, the `lora_fwd_bwd_d2048_r16` case of `benches/lora.rs`): the whole
 //! forward + backward through candle's graph, the forward alone, the fused kernels'
-//! forward and backward, the bare base products in both layouts, the rank's products and
+//! forward and backward (on the weight as training stores it: `store_for_training`),
+//! the bare base products in both layouts and over the panels where there are, the rank's products and
 //! the adapter's gradients, and packing the weight for training's product (a product
 //! over 6 rows, which is little else). Prints the fastest of N calls of each, the parts
 //! in turns so a machine's slow phases touch all of them.
@@ -44,6 +45,7 @@ fn main() {
     let (a, b) = (randn(&[r, d]), randn(&[d, r]));
     let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
     let mut layer = LoraLinear::new("bench", FrozenLinear::new(w.clone(), None));
+    layer.store_for_training().unwrap();
     let branch = LoraBranch {
         a: va.as_tensor().clone(),
         b: vb.as_tensor().clone(),
@@ -56,9 +58,10 @@ fn main() {
     let (ws, xs, gs) = (flat(&w), flat(&x2), flat(&g));
     let (as_, bs) = (flat(&a), flat(&b));
     let t = fused_cpu::linear(&xs, &as_, (m, r, d));
-    let weight = Weight::Tensor(w.clone());
+    // As training stores it (with panels on CPUs with AVX-512).
+    let weight = layer.base().stored().clone();
 
-    let parts: Vec<Part> = vec![
+    let mut parts: Vec<Part> = vec![
         (
             "layer forward + backward (candle graph)",
             Box::new(|| {
@@ -82,7 +85,7 @@ fn main() {
             }),
         ),
         (
-            "base product x W^T (training's layout)",
+            "base product x W^T (gemm, W as loaded)",
             Box::new(|| drop(fused_cpu::linear(&xs, &ws, (m, d, d)))),
         ),
         (
@@ -118,6 +121,13 @@ fn main() {
             Box::new(|| drop(packed::strided_product((6, d, d), &xs, (&ws, d, 1), None))),
         ),
     ];
+    if let Weight::Paneled(_, p) = &weight {
+        let (p, xr) = (p.clone(), &xs);
+        parts.push((
+            "base product x W^T (panels)",
+            Box::new(move || drop(p.product(xr, m, None))),
+        ));
+    }
     let mut best = vec![f64::INFINITY; parts.len()];
     for _ in 0..calls {
         for (i, (_, f)) in parts.iter().enumerate() {

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, 
 
 use super::error::ModelError;
 use super::packed::PackedWeight;
+use super::panels::PanelWeight;
 use super::weights::Weights;
 
 /// `y = x @ W^T (+ b)` with `W` `[out, in]` frozen.
@@ -30,13 +31,17 @@ pub enum Weight {
     Tensor(Tensor),
     /// Packed for the CPU forward ([`PackedWeight`]); f32 on the CPU.
     Packed(Arc<PackedWeight>),
+    /// A tensor `[out, in]` as loaded (f32 on the CPU), which the backward's product
+    /// reads, and a copy packed for training's forward on CPUs with AVX-512
+    /// ([`PanelWeight`], [`FrozenLinear::store_for_training`]).
+    Paneled(Tensor, Arc<PanelWeight>),
 }
 
 impl Weight {
     /// `(out, in)`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
-            Weight::Tensor(t) => t.dims2(),
+            Weight::Tensor(t) | Weight::Paneled(t, _) => t.dims2(),
             Weight::Packed(p) => Ok(p.dims()),
         }
     }
@@ -46,7 +51,7 @@ impl Weight {
     /// inference takes it, and taper's stages never train one).
     pub fn to_tensor(&self) -> candle_core::Result<Cow<'_, Tensor>> {
         match self {
-            Weight::Tensor(t) => Ok(Cow::Borrowed(t)),
+            Weight::Tensor(t) | Weight::Paneled(t, _) => Ok(Cow::Borrowed(t)),
             Weight::Packed(p) => p.to_tensor(&candle_core::Device::Cpu).map(Cow::Owned),
         }
     }
@@ -112,6 +117,43 @@ impl FrozenLinear {
         Ok(())
     }
 
+    /// Sets the weight up for training's forward on the CPU: on CPUs with AVX-512
+    /// ([`super::panels::available`]), an f32 weight of at least
+    /// [`super::panels::PANEL_MIN`] features each way keeps a second copy packed in
+    /// panels ([`Weight::Paneled`], [`PanelWeight`]), which the forward's product reads
+    /// where it is, with no packing or transposes at the call; the backward's product
+    /// reads the weight as loaded. The copy costs the weight's memory again, and saved
+    /// 0.5-2 ms of a 14-20 ms product at 512 x 2048 x 2048 (BENCHMARKS.md, "Session 20").
+    /// Other CPUs, devices and dtypes, and smaller weights, keep the weight as it is.
+    pub fn store_for_training(&mut self) -> candle_core::Result<()> {
+        let Weight::Tensor(w) = &self.weight else {
+            return Ok(());
+        };
+        let (out, inp) = w.dims2()?;
+        if w.device().is_cpu()
+            && w.dtype() == DType::F32
+            && super::panels::available()
+            && super::panels::pays(out, inp)
+        {
+            self.panel()?;
+        }
+        Ok(())
+    }
+
+    /// Packs an f32 CPU weight into panels beside the tensor, whatever its size (the
+    /// caller checks the CPU).
+    pub(crate) fn panel(&mut self) -> candle_core::Result<()> {
+        let Weight::Tensor(w) = &self.weight else {
+            return Ok(());
+        };
+        let (out, inp) = w.dims2()?;
+        let panels = super::fused_cpu::with_matrix(w, |m| {
+            Ok(PanelWeight::from_fn(out, inp, |o, i| m.at(o, i)))
+        })?;
+        self.weight = Weight::Paneled(w.clone(), Arc::new(panels));
+        Ok(())
+    }
+
     /// The weight as stored.
     pub fn stored(&self) -> &Weight {
         &self.weight
@@ -120,7 +162,7 @@ impl FrozenLinear {
     /// The weight as a tensor, unless it is packed ([`Self::store_for_inference`]).
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
-            Weight::Tensor(t) => Some(t),
+            Weight::Tensor(t) | Weight::Paneled(t, _) => Some(t),
             Weight::Packed(_) => None,
         }
     }
@@ -158,7 +200,7 @@ impl FrozenMatmul {
     /// weight is f32 on the CPU and never reaches them).
     fn tensor(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
-            Weight::Tensor(t) => Ok(t),
+            Weight::Tensor(t) | Weight::Paneled(t, _) => Ok(t),
             Weight::Packed(_) => {
                 candle_core::bail!("frozen linear: a packed weight serves f32 on the CPU only")
             }
@@ -217,6 +259,9 @@ impl CustomOp1 for FrozenMatmul {
             let xs = &xs[x0..x0 + m * k];
             match &self.weight {
                 Weight::Packed(p) => return Ok((CpuStorage::F32(p.linear(xs, m)), shape)),
+                Weight::Paneled(_, p) => {
+                    return Ok((CpuStorage::F32(p.product(xs, m, None)), shape))
+                }
                 Weight::Tensor(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
                     let y = super::fused_cpu::with_matrix(w, |w| {
                         Ok(super::fused_cpu::linear_with(xs, w, (m, n, k)))
@@ -382,6 +427,7 @@ mod tests {
                     assert_eq!(t.layout().stride(), [1, 5]);
                     assert_eq!(max_diff(t, &w), 0.0);
                 }
+                Weight::Paneled(..) => panic!("store_as never packs panels"),
             }
             let (y2, g2) = run(&stored);
             assert!(max_diff(&y1, &y2) < 1e-5, "{}", max_diff(&y1, &y2));
@@ -397,6 +443,68 @@ mod tests {
             f64s.store_as(pack).unwrap();
             assert_eq!(f64s.weight().unwrap().layout().stride(), [7, 1]);
         }
+    }
+
+    #[test]
+    fn store_for_training_gives_the_same_value_and_gradient() {
+        let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        // 70 outputs (a panel and 6 features of a second), 600 inputs (two depth blocks),
+        // 3 x 5 rows (two 6-row groups and 3).
+        let (w, b) = (f32s(rand(&[70, 600])), f32s(rand(&[70])));
+        let plain = FrozenLinear::new(w.clone(), Some(b.clone()));
+        let x = Var::from_tensor(&f32s(rand(&[3, 5, 600]))).unwrap();
+        let dy = f32s(rand(&[3, 5, 70]));
+        let run = |l: &FrozenLinear| {
+            let y = l.forward(x.as_tensor()).unwrap();
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone())
+        };
+        let (y1, g1) = run(&plain);
+        // Too small to pay: stays as it is.
+        let mut small = plain.clone();
+        small.store_for_training().unwrap();
+        assert!(matches!(small.stored(), Weight::Tensor(_)));
+        if !crate::model::panels::available() {
+            eprintln!("no AVX-512 on this CPU: the panels are not tried");
+            return;
+        }
+        let mut paneled = plain.clone();
+        paneled.panel().unwrap();
+        paneled.panel().unwrap(); // twice: still one copy
+        let Weight::Paneled(t, p) = paneled.stored() else {
+            panic!("not paneled: {:?}", paneled.stored())
+        };
+        assert_eq!((max_diff(t, &w), p.dims()), (0.0, (70, 600)));
+        assert_eq!(
+            paneled.weight().map(|t| t.dims().to_vec()),
+            Some(vec![70, 600])
+        );
+        let (y2, g2) = run(&paneled);
+        let scale = y1
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(max_diff(&y1, &y2) < 1e-5 * scale, "{}", max_diff(&y1, &y2));
+        assert_eq!(
+            max_diff(&g1, &g2),
+            0.0,
+            "the backward reads the tensor as loaded"
+        );
+        // A weight of PANEL_MIN features each way gets its panels from store_for_training.
+        let n = crate::model::panels::PANEL_MIN;
+        let mut big = FrozenLinear::new(
+            Tensor::zeros((n, n), DType::F32, &Device::Cpu).unwrap(),
+            None,
+        );
+        big.store_for_training().unwrap();
+        assert!(matches!(big.stored(), Weight::Paneled(..)));
+        // Other dtypes keep their layout.
+        let mut f64s = FrozenLinear::new(rand(&[5, 7]), None);
+        f64s.store_for_training().unwrap();
+        assert!(matches!(f64s.stored(), Weight::Tensor(_)));
     }
 
     #[test]

@@ -493,6 +493,7 @@ pub fn lora_linear(
         weight: match w {
             Weight::Tensor(t) => Weight::Tensor(t.detach()),
             Weight::Packed(p) => Weight::Packed(p.clone()),
+            Weight::Paneled(t, p) => Weight::Paneled(t.detach(), p.clone()),
         },
         scale,
         down,
@@ -1284,14 +1285,22 @@ mod tests {
             (base + (up * 1.5).unwrap()).unwrap()
         };
         // The weight as loaded, and as inference stores it (its transpose, viewed back, or
-        // packed).
+        // packed), and with training's panels.
         let w_t = w.t().unwrap().contiguous().unwrap().t().unwrap();
         assert_eq!(w_t.layout().stride(), [1, 21]);
         let packed = Weight::Packed(std::sync::Arc::new(
             crate::model::packed::PackedWeight::pack(&w).unwrap(),
         ));
         let dy = f32_var(&var(&[2, seq, 21], 56));
-        for w_stored in [Weight::Tensor(w.clone()), Weight::Tensor(w_t), packed] {
+        let mut stored = vec![Weight::Tensor(w.clone()), Weight::Tensor(w_t), packed];
+        // And as training stores it on CPUs with AVX-512 (whatever its size here).
+        if crate::model::panels::available() {
+            let mut frozen = crate::model::frozen::FrozenLinear::new(w.clone(), None);
+            frozen.panel().unwrap();
+            assert!(matches!(frozen.stored(), Weight::Paneled(..)));
+            stored.push(frozen.stored().clone());
+        }
+        for w_stored in stored {
             let ours = lora_linear(
                 x.as_tensor(),
                 &w_stored,

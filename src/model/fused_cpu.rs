@@ -28,6 +28,7 @@ use candle_core::{DType, Result, Storage, Tensor};
 use super::frozen::Weight;
 use super::mask::MASKED;
 use super::packed;
+use super::panels::Update;
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 64 f32 lanes, four AVX-512 registers (eight AVX2
@@ -2090,7 +2091,7 @@ pub fn attention_backward(
 pub fn usable_lora(x: &Tensor, w: &Weight, a: &Tensor, b: &Tensor) -> bool {
     let w_ok = match w {
         Weight::Tensor(w) => w.device().is_cpu() && w.dtype() == DType::F32,
-        Weight::Packed(_) => true,
+        Weight::Packed(_) | Weight::Paneled(..) => true,
     };
     w_ok && x.device().is_cpu() && [x, a, b].iter().all(|t| t.dtype() == DType::F32)
 }
@@ -2140,6 +2141,16 @@ pub fn lora_forward(
                 let w = match w {
                     Weight::Packed(p) => {
                         return Ok((p.lora_linear(xs, m, as_, bs, r, s as f32), None))
+                    }
+                    Weight::Paneled(_, p) => {
+                        let t = linear(xs, as_, (m, r, i));
+                        let update = Update {
+                            t: &t,
+                            b: bs,
+                            r,
+                            s: s as f32,
+                        };
+                        return Ok((p.product(xs, m, Some(update)), Some(t)));
                     }
                     Weight::Tensor(w) => w,
                 };

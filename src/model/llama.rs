@@ -170,6 +170,16 @@ impl Llama {
         self.store_as(super::packed::packing_pays())
     }
 
+    /// Sets the model up for training: every frozen projection and the LM head
+    /// ([`FrozenLinear::store_for_training`]: on CPUs with AVX-512, large f32 weights keep
+    /// a second copy packed for the forward's product). The train stage calls it.
+    pub fn store_for_training(&mut self) -> candle_core::Result<()> {
+        for l in self.linears_mut() {
+            l.store_for_training()?;
+        }
+        self.lm_head.store_for_training()
+    }
+
     /// [`Self::store_for_inference`] never packing (every weight transposed, as on CPUs
     /// without the packed product): for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {

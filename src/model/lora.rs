@@ -106,6 +106,11 @@ impl LoraLinear {
         self.base.store_for_inference()
     }
 
+    /// Sets the frozen base weight up for training: [`FrozenLinear::store_for_training`].
+    pub fn store_for_training(&mut self) -> candle_core::Result<()> {
+        self.base.store_for_training()
+    }
+
     /// The same never packing: [`FrozenLinear::store_transposed`].
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
         self.base.store_transposed()

@@ -24,6 +24,7 @@ pub mod mask;
 pub mod mlp;
 pub mod norm;
 pub mod packed;
+pub mod panels;
 pub mod rope;
 pub mod sampling;
 #[cfg(test)]

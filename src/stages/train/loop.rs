@@ -47,6 +47,9 @@ pub fn run(cfg: &TrainConfig, ctx: &StageContext<'_>) -> Result<(), StageError> 
     let mut model = load_model(&base_dir, settings.dtype, &device).map_err(failed)?;
     let varmap = VarMap::new();
     let modules = init_lora(&mut model, &settings.lora, cfg.seed, &varmap).map_err(failed)?;
+    model
+        .store_for_training()
+        .map_err(|e| failed(format!("setting the model up for training: {e}")))?;
     let vocab = model.config().vocab_size;
 
     let train = read_split(&ctx.workspace.join(&cfg.data.train), vocab).map_err(failed)?;

@@ -1,0 +1,414 @@
+//! A frozen weight packed once for training's forward on CPUs with AVX-512, and the
+//! product over it: our own loops around gemm's AVX-512 micro-kernel.
+//!
+//! Training's forward `y = x W^T` for `W` `[out, in]` as loaded made gemm pack `W` at
+//! every call (a transpose of the whole weight, which does not fit the caches) or, in
+//! [`crate::model::fused_cpu`]'s `transposed_product`, transpose `x` and `y` around a
+//! product that reads `W` as stored. The weight is frozen, so [`PanelWeight`] packs it
+//! once, the way gemm's `avx512f` micro-kernel (`gemm_f32::microkernel::avx512f::f32`,
+//! 64 x 6 tiles, 24 zmm accumulators) reads its left operand: panels of [`MR`] (64)
+//! output features, each holding, for every input feature `p`, the panel's 64 weights
+//! `W[o, p]` side by side. The kernel broadcasts its right operand from any strides, so
+//! it reads `x`'s rows where they are, and it stores a tile's 64 outputs of a row side
+//! by side, so it writes `y` as it is laid out: no transposes and no packing at the call.
+//!
+//! [`PanelWeight::product`] runs the input features [`KC`] (512) at a time; within a
+//! block, for each group of [`PANEL_GROUP`] (4) panels (a 512 x 256 block of weights,
+//! 512 KB, kept in L2), 6 rows of `x` at a time against each panel (the rows, 12 KB,
+//! stay in L1). Each output is the kernel's sum over the first block (started from the
+//! LoRA update when there is one: a call over its `r` features first), then each later
+//! block's sum added to it in order: a fixed order whatever the split over threads,
+//! which cuts panels and rows. Measured against gemm (BENCHMARKS.md, "Session 20").
+
+use rayon::prelude::*;
+
+use super::fused_cpu::SendPtr;
+
+/// Output features a panel holds: the micro-kernel's 4 x 16 lanes.
+pub const MR: usize = 64;
+/// Rows of `x` a micro-kernel call takes: its 6 broadcasts.
+const NR: usize = 6;
+/// Input features the product sums at a time (its depth blocks).
+pub const KC: usize = 512;
+/// Panels a block of the product runs through before taking the next rows.
+const PANEL_GROUP: usize = 4;
+
+/// Features a weight has at least, each way, for [`PanelWeight`] to serve training
+/// ([`pays`]).
+pub const PANEL_MIN: usize = 2048;
+
+/// Whether a weight `[out, in]` is packed in panels for training (on a CPU that
+/// [`available`] allows): at least [`PANEL_MIN`] features each way, where it was
+/// measured to pay (BENCHMARKS.md, "Session 20"; at 512 to 1,408 features gemm's product
+/// ran as fast or faster on the Xeon).
+pub fn pays(out: usize, inp: usize) -> bool {
+    out >= PANEL_MIN && inp >= PANEL_MIN
+}
+
+/// Whether this CPU runs [`PanelWeight`]'s product: x86-64 with AVX-512F.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `[out, in]` packed in panels of [`MR`] output features (module docs); the
+/// last panel's missing features are zeros.
+#[derive(Debug)]
+pub struct PanelWeight {
+    out: usize,
+    inp: usize,
+    /// `ceil(out / MR)` panels of `inp x MR`.
+    data: Vec<f32>,
+}
+
+/// A LoRA update for [`PanelWeight::product`]: `s t B^T` with `t` `[m, r]` and `B`
+/// `[out, r]`, row-major slices.
+#[derive(Clone, Copy)]
+pub struct Update<'a> {
+    pub t: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+    pub s: f32,
+}
+
+impl PanelWeight {
+    /// Packs the weight `[out, in]` whose element `(o, i)` is `at(o, i)`.
+    pub fn from_fn(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let data = pack(out, inp, at);
+        Self { out, inp, data }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// `y = x W^T` `[m, out]` for `x` `[m, in]` row-major, plus `s t B^T` when `update` is
+    /// set (summed first). Panics unless [`available`] and the slices fit the sizes.
+    pub fn product(&self, x: &[f32], m: usize, update: Option<Update>) -> Vec<f32> {
+        let (n, k) = (self.out, self.inp);
+        assert!(available(), "panel product: this CPU has no AVX-512");
+        assert_eq!(x.len(), m * k, "panel product: x is not [{m}, {k}]");
+        // B in panels like W's (it changes every step; out x r is small).
+        let low = update.filter(|u| u.r > 0).map(|u| {
+            assert!(
+                u.t.len() == m * u.r && u.b.len() == n * u.r,
+                "panel product: update's t or B does not fit [{m}, {n}] at rank {}",
+                u.r
+            );
+            (u, pack(n, u.r, |o, j| u.b[o * u.r + j]))
+        });
+        let mut y = Vec::<f32>::with_capacity(m * n);
+        if m == 0 || n == 0 {
+            return y;
+        }
+        if k == 0 && low.is_none() {
+            return vec![0.0; m * n];
+        }
+        let out = SendPtr(y.as_mut_ptr());
+        let tasks = split(n.div_ceil(MR), m, rayon::current_num_threads());
+        tasks.into_par_iter().for_each(|(panels, rows)| {
+            let low = low.as_ref().map(|(u, bp)| (*u, &bp[..]));
+            // SAFETY: the tasks' (panels, rows) blocks are disjoint and cover y; `run`
+            // keeps every read inside x, the panels and the update (sizes checked above)
+            // and overwrites each element of its block before reading it.
+            unsafe { self.run(x, m, low, out, panels, rows) }
+        });
+        // SAFETY: every element was written (above).
+        unsafe { y.set_len(m * n) };
+        y
+    }
+
+    /// One task of [`Self::product`]: outputs of `panels`' features for `rows` of `x`.
+    ///
+    /// # Safety
+    ///
+    /// [`available`]; `y` holds `m x out` elements, and nothing else touches this block
+    /// of them meanwhile; `x` is `[m, in]` and `low`'s `t` `[m, r]`, its panels packed
+    /// from `B` `[out, r]`.
+    unsafe fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        low: Option<(Update, &[f32])>,
+        y: SendPtr,
+        panels: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+    ) {
+        let (n, k) = (self.out, self.inp);
+        debug_assert!(rows.end <= m);
+        let kernels = &gemm_f32::microkernel::avx512f::f32::UKR[MR / 16 - 1];
+        // dst (i = output feature, j = row) at j n + i; lhs a panel, MR apart a step;
+        // rhs (p, j) at j ld + p.
+        let call = |q: usize,
+                    jr: usize,
+                    depth: usize,
+                    lhs: *const f32,
+                    rhs: (*const f32, usize),
+                    add: bool,
+                    s: f32| {
+            let nr = NR.min(rows.end - jr);
+            let mr = MR.min(n - q * MR);
+            kernels[nr - 1](
+                mr,
+                nr,
+                depth,
+                y.get().add(jr * n + q * MR),
+                lhs,
+                rhs.0,
+                n as isize,
+                1,
+                MR as isize,
+                1,
+                rhs.1 as isize,
+                1.0,
+                s,
+                u8::from(add),
+                false,
+                false,
+                false,
+                std::ptr::null(),
+            )
+        };
+        for pc in (0..k.max(1)).step_by(KC) {
+            let depth = KC.min(k - pc.min(k));
+            let mut group = panels.start;
+            while group < panels.end {
+                let group_end = (group + PANEL_GROUP).min(panels.end);
+                for jr in rows.clone().step_by(NR) {
+                    for q in group..group_end {
+                        let first = pc == 0;
+                        if let (true, Some((u, bp))) = (first, low) {
+                            let lhs = bp.as_ptr().add(q * u.r * MR);
+                            call(
+                                q,
+                                jr,
+                                u.r,
+                                lhs,
+                                (u.t.as_ptr().add(jr * u.r), u.r),
+                                false,
+                                u.s,
+                            );
+                        }
+                        if depth > 0 {
+                            let lhs = self.data.as_ptr().add(q * k * MR + pc * MR);
+                            let add = !first || low.is_some();
+                            call(
+                                q,
+                                jr,
+                                depth,
+                                lhs,
+                                (x.as_ptr().add(jr * k + pc), k),
+                                add,
+                                1.0,
+                            );
+                        }
+                    }
+                }
+                group = group_end;
+            }
+        }
+    }
+}
+
+/// `out x inp` elements `at(o, i)` in panels of [`MR`] rows (module docs).
+fn pack(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let mut data = vec![0f32; out.div_ceil(MR) * inp * MR];
+    if inp == 0 {
+        return data;
+    }
+    data.par_chunks_mut(inp * MR)
+        .enumerate()
+        .for_each(|(q, panel)| {
+            for i in 0..MR.min(out - q * MR) {
+                for (p, v) in panel.iter_mut().skip(i).step_by(MR).enumerate() {
+                    *v = at(q * MR + i, p);
+                }
+            }
+        });
+    data
+}
+
+/// The product's tasks for `panels` panels and `m` rows on `threads` threads: the panels
+/// cut in as many runs as threads when there are enough, otherwise each panel's rows cut
+/// too (in multiples of 6), so that a wide layer and a narrow one both fill the threads.
+fn split(
+    panels: usize,
+    m: usize,
+    threads: usize,
+) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let threads = threads.max(1);
+    let runs = panels.min(threads).max(1);
+    let row_cuts = (threads / runs).max(1);
+    let rows_per = m.div_ceil(row_cuts).next_multiple_of(NR).max(NR);
+    let per_run = panels.div_ceil(runs);
+    let mut tasks = Vec::new();
+    for p in (0..panels).step_by(per_run.max(1)) {
+        for r in (0..m).step_by(rows_per) {
+            tasks.push((p..(p + per_run).min(panels), r..(r + rows_per).min(m)));
+        }
+    }
+    tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) from a seed.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `(x, W, t, B)` for `(m, out, in, r)`.
+    fn operands((m, n, k, r): (usize, usize, usize, usize)) -> [Vec<f32>; 4] {
+        [
+            values(m * k, 1),
+            values(n * k, 2),
+            values(m * r, 3),
+            values(n * r, 4),
+        ]
+    }
+
+    fn product(
+        w: &[f32],
+        (m, n, k, r): (usize, usize, usize, usize),
+        x: &[f32],
+        low: Option<(&[f32], &[f32], f32)>,
+    ) -> Vec<f32> {
+        let p = PanelWeight::from_fn(n, k, |o, i| w[o * k + i]);
+        assert_eq!(p.dims(), (n, k));
+        let update = low.map(|(t, b, s)| Update { t, b, r, s });
+        p.product(x, m, update)
+    }
+
+    #[test]
+    fn the_product_matches_f64_sums_over_ragged_sizes() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the panel product is not tried");
+            return;
+        }
+        // Rows past a 6-row group, features past a 64-wide panel, inputs past one and
+        // two 512-wide depth blocks, ranks 1, 3 and 16.
+        for dims in [
+            (13, 130, 1100, 3),
+            (6, 64, 512, 16),
+            (1, 1, 1, 1),
+            (20, 70, 513, 0),
+        ] {
+            let (m, n, k, r) = dims;
+            let [x, w, t, b] = operands(dims);
+            for s in [None, Some(0.75f32)] {
+                let y = product(&w, dims, &x, s.map(|s| (&t[..], &b[..], s)));
+                assert_eq!(y.len(), m * n);
+                for i in 0..m {
+                    for o in 0..n {
+                        let mut sum = 0f64;
+                        let mut size = 0f64;
+                        for p in 0..k {
+                            let v = x[i * k + p] as f64 * w[o * k + p] as f64;
+                            sum += v;
+                            size += v.abs();
+                        }
+                        if let Some(s) = s {
+                            for j in 0..r {
+                                let v = s as f64 * t[i * r + j] as f64 * b[o * r + j] as f64;
+                                sum += v;
+                                size += v.abs();
+                            }
+                        }
+                        let got = y[i * n + o] as f64;
+                        assert!(
+                            (got - sum).abs() <= 1e-6 * size.max(1.0),
+                            "{dims:?} update {s:?} at ({i}, {o}): {got} against {sum}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_gives_the_same_bits_on_every_thread_count() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the panel product is not tried");
+            return;
+        }
+        // 3 panels on 1, 2, 3 and 5 threads: runs of panels, and rows cut too.
+        let dims = (40, 150, 1030, 4);
+        let [x, w, t, b] = operands(dims);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| product(&w, dims, &x, Some((&t, &b, 1.5))))
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            let y = run(threads);
+            let same = one.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{threads} threads changed a bit");
+        }
+    }
+
+    #[test]
+    fn empty_sizes_give_their_shapes() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the panel product is not tried");
+            return;
+        }
+        for dims in [(0, 5, 7, 2), (3, 0, 7, 2), (3, 5, 0, 2), (3, 5, 0, 0)] {
+            let (m, n, _, _) = dims;
+            let [x, w, t, b] = operands(dims);
+            let y = product(&w, dims, &x, None);
+            assert_eq!(y, vec![0.0; m * n], "{dims:?}");
+            let y = product(&w, dims, &x, Some((&t, &b, 2.0)));
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| {
+                    let (i, o) = (e / n.max(1), e % n.max(1));
+                    2.0 * (0..dims.3)
+                        .map(|j| t[i * dims.3 + j] * b[o * dims.3 + j])
+                        .sum::<f32>()
+                })
+                .collect();
+            let close = y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5);
+            assert!(
+                y.len() == m * n && close,
+                "{dims:?}: {y:?} against {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn splits_cover_every_panel_and_row_once() {
+        for (panels, m, threads) in [(32, 512, 2), (3, 40, 5), (1, 7, 16), (5, 1, 3), (2, 0, 4)] {
+            let mut seen = vec![0u8; panels * m];
+            for (ps, rows) in split(panels, m, threads) {
+                for p in ps {
+                    for i in rows.clone() {
+                        seen[p * m + i] += 1;
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "{panels} panels, {m} rows, {threads} threads"
+            );
+        }
+    }
+}
