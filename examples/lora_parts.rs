@@ -80,7 +80,7 @@ fn main() {
         (
             "fused_cpu::lora_backward",
             Box::new(|| {
-                let out = fused_cpu::lora_backward(&x2, &w, &a, &b, &g, 2.0, None, true);
+                let out = fused_cpu::lora_backward(&x2, &weight, &a, &b, &g, 2.0, None, true);
                 drop(out.unwrap())
             }),
         ),
@@ -89,7 +89,7 @@ fn main() {
             Box::new(|| drop(fused_cpu::linear(&xs, &ws, (m, d, d)))),
         ),
         (
-            "base product g W (backward)",
+            "base product g W (gemm, W as loaded)",
             Box::new(|| drop(fused_cpu::linear_input_grad(&g, &w).unwrap())),
         ),
         (
@@ -121,11 +121,15 @@ fn main() {
             Box::new(|| drop(packed::strided_product((6, d, d), &xs, (&ws, d, 1), None))),
         ),
     ];
-    if let Weight::Paneled(_, p) = &weight {
-        let (p, xr) = (p.clone(), &xs);
+    if let Weight::Paneled(p) = &weight {
+        let (p, q, xr, gr) = (p.clone(), p.clone(), &xs, &gs);
         parts.push((
             "base product x W^T (panels)",
-            Box::new(move || drop(p.product(xr, m, None))),
+            Box::new(move || drop(p.forward(xr, m, None))),
+        ));
+        parts.push((
+            "base product g W (panels)",
+            Box::new(move || drop(q.input_grad(gr, m, None))),
         ));
     }
     let mut best = vec![f64::INFINITY; parts.len()];

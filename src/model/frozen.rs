@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, 
 
 use super::error::ModelError;
 use super::packed::PackedWeight;
-use super::panels::PanelWeight;
+use super::panels::Panels;
 use super::weights::Weights;
 
 /// `y = x @ W^T (+ b)` with `W` `[out, in]` frozen.
@@ -31,28 +31,34 @@ pub enum Weight {
     Tensor(Tensor),
     /// Packed for the CPU forward ([`PackedWeight`]); f32 on the CPU.
     Packed(Arc<PackedWeight>),
-    /// A tensor `[out, in]` as loaded (f32 on the CPU), which the backward's product
-    /// reads, and a copy packed for training's forward on CPUs with AVX-512
-    /// ([`PanelWeight`], [`FrozenLinear::store_for_training`]).
-    Paneled(Tensor, Arc<PanelWeight>),
+    /// Packed for training on CPUs with AVX-512, once for the forward and once for the
+    /// backward ([`Panels`], [`FrozenLinear::store_for_training`]); f32 on the CPU.
+    Paneled(Arc<Panels>),
 }
 
 impl Weight {
     /// `(out, in)`.
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
-            Weight::Tensor(t) | Weight::Paneled(t, _) => t.dims2(),
+            Weight::Tensor(t) => t.dims2(),
             Weight::Packed(p) => Ok(p.dims()),
+            Weight::Paneled(p) => Ok(p.dims()),
         }
     }
 
     /// The weight as a tensor `[out, in]`: itself, or a packed one unpacked into a new
     /// tensor (a copy of the weight: only a backward through a model set up for
-    /// inference takes it, and taper's stages never train one).
+    /// inference takes it, and taper's stages never train one; and the non-f32 paths of
+    /// a weight set up for training, which its f32 CPU model never takes).
     pub fn to_tensor(&self) -> candle_core::Result<Cow<'_, Tensor>> {
         match self {
-            Weight::Tensor(t) | Weight::Paneled(t, _) => Ok(Cow::Borrowed(t)),
+            Weight::Tensor(t) => Ok(Cow::Borrowed(t)),
             Weight::Packed(p) => p.to_tensor(&candle_core::Device::Cpu).map(Cow::Owned),
+            Weight::Paneled(p) => {
+                let (out, inp) = p.dims();
+                let data: Vec<f32> = (0..out * inp).map(|e| p.at(e / inp, e % inp)).collect();
+                Tensor::from_vec(data, (out, inp), &candle_core::Device::Cpu).map(Cow::Owned)
+            }
         }
     }
 }
@@ -117,14 +123,14 @@ impl FrozenLinear {
         Ok(())
     }
 
-    /// Sets the weight up for training's forward on the CPU: on CPUs with AVX-512
+    /// Sets the weight up for training on the CPU: on CPUs with AVX-512
     /// ([`super::panels::available`]), an f32 weight of at least
-    /// [`super::panels::PANEL_MIN`] features each way keeps a second copy packed in
-    /// panels ([`Weight::Paneled`], [`PanelWeight`]), which the forward's product reads
-    /// where it is, with no packing or transposes at the call; the backward's product
-    /// reads the weight as loaded. The copy costs the weight's memory again, and saved
-    /// 0.5-2 ms of a 14-20 ms product at 512 x 2048 x 2048 (BENCHMARKS.md, "Session 20").
-    /// Other CPUs, devices and dtypes, and smaller weights, keep the weight as it is.
+    /// [`super::panels::PANEL_MIN`] features each way is packed in panels twice, for the
+    /// forward's `x W^T` and the backward's `g W` ([`Weight::Paneled`], [`Panels`]),
+    /// which the products read where they are, with no packing or transposes at the
+    /// call, and the tensor is let go: twice the weight's memory, unless something else
+    /// holds the tensor too (BENCHMARKS.md, "Session 20", has what it saves). Other
+    /// CPUs, devices and dtypes, and smaller weights, keep the weight as it is.
     pub fn store_for_training(&mut self) -> candle_core::Result<()> {
         let Weight::Tensor(w) = &self.weight else {
             return Ok(());
@@ -140,17 +146,16 @@ impl FrozenLinear {
         Ok(())
     }
 
-    /// Packs an f32 CPU weight into panels beside the tensor, whatever its size (the
-    /// caller checks the CPU).
+    /// Packs an f32 CPU weight into panels both ways, whatever its size (the caller
+    /// checks the CPU).
     pub(crate) fn panel(&mut self) -> candle_core::Result<()> {
         let Weight::Tensor(w) = &self.weight else {
             return Ok(());
         };
         let (out, inp) = w.dims2()?;
-        let panels = super::fused_cpu::with_matrix(w, |m| {
-            Ok(PanelWeight::from_fn(out, inp, |o, i| m.at(o, i)))
-        })?;
-        self.weight = Weight::Paneled(w.clone(), Arc::new(panels));
+        let panels =
+            super::fused_cpu::with_matrix(w, |m| Ok(Panels::from_fn(out, inp, |o, i| m.at(o, i))))?;
+        self.weight = Weight::Paneled(Arc::new(panels));
         Ok(())
     }
 
@@ -159,11 +164,12 @@ impl FrozenLinear {
         &self.weight
     }
 
-    /// The weight as a tensor, unless it is packed ([`Self::store_for_inference`]).
+    /// The weight as a tensor, unless it is packed ([`Self::store_for_inference`],
+    /// [`Self::store_for_training`]).
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.weight {
-            Weight::Tensor(t) | Weight::Paneled(t, _) => Some(t),
-            Weight::Packed(_) => None,
+            Weight::Tensor(t) => Some(t),
+            Weight::Packed(_) | Weight::Paneled(_) => None,
         }
     }
 
@@ -200,8 +206,8 @@ impl FrozenMatmul {
     /// weight is f32 on the CPU and never reaches them).
     fn tensor(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
-            Weight::Tensor(t) | Weight::Paneled(t, _) => Ok(t),
-            Weight::Packed(_) => {
+            Weight::Tensor(t) => Ok(t),
+            Weight::Packed(_) | Weight::Paneled(_) => {
                 candle_core::bail!("frozen linear: a packed weight serves f32 on the CPU only")
             }
         }
@@ -259,9 +265,7 @@ impl CustomOp1 for FrozenMatmul {
             let xs = &xs[x0..x0 + m * k];
             match &self.weight {
                 Weight::Packed(p) => return Ok((CpuStorage::F32(p.linear(xs, m)), shape)),
-                Weight::Paneled(_, p) => {
-                    return Ok((CpuStorage::F32(p.product(xs, m, None)), shape))
-                }
+                Weight::Paneled(p) => return Ok((CpuStorage::F32(p.forward(xs, m, None)), shape)),
                 Weight::Tensor(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
                     let y = super::fused_cpu::with_matrix(w, |w| {
                         Ok(super::fused_cpu::linear_with(xs, w, (m, n, k)))
@@ -307,6 +311,11 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x @ W^T)/dx = grad @ W; the weight is deliberately left without a gradient.
+        if let Weight::Paneled(p) = &self.weight {
+            if grad.device().is_cpu() && grad.dtype() == DType::F32 {
+                return super::fused_cpu::panel_input_grad(grad, p).map(Some);
+            }
+        }
         let weight = self.weight.to_tensor()?;
         if grad.device().is_cpu() && grad.dtype() == DType::F32 && weight.dtype() == DType::F32 {
             return super::fused_cpu::linear_input_grad(grad, &weight).map(Some);
@@ -471,27 +480,31 @@ mod tests {
         let mut paneled = plain.clone();
         paneled.panel().unwrap();
         paneled.panel().unwrap(); // twice: still one copy
-        let Weight::Paneled(t, p) = paneled.stored() else {
+        let Weight::Paneled(p) = paneled.stored() else {
             panic!("not paneled: {:?}", paneled.stored())
         };
-        assert_eq!((max_diff(t, &w), p.dims()), (0.0, (70, 600)));
-        assert_eq!(
-            paneled.weight().map(|t| t.dims().to_vec()),
-            Some(vec![70, 600])
-        );
+        assert_eq!(p.dims(), (70, 600));
+        // Unpacked, it is the weight; the tensor itself is let go.
+        assert_eq!(max_diff(&paneled.stored().to_tensor().unwrap(), &w), 0.0);
+        assert!(paneled.weight().is_none());
         let (y2, g2) = run(&paneled);
-        let scale = y1
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        assert!(max_diff(&y1, &y2) < 1e-5 * scale, "{}", max_diff(&y1, &y2));
-        assert_eq!(
-            max_diff(&g1, &g2),
-            0.0,
-            "the backward reads the tensor as loaded"
+        let size = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        assert!(
+            max_diff(&y1, &y2) < 1e-5 * size(&y1),
+            "{}",
+            max_diff(&y1, &y2)
+        );
+        assert!(
+            max_diff(&g1, &g2) < 1e-5 * size(&g1),
+            "{}",
+            max_diff(&g1, &g2)
         );
         // A weight of PANEL_MIN features each way gets its panels from store_for_training.
         let n = crate::model::panels::PANEL_MIN;

@@ -493,7 +493,7 @@ pub fn lora_linear(
         weight: match w {
             Weight::Tensor(t) => Weight::Tensor(t.detach()),
             Weight::Packed(p) => Weight::Packed(p.clone()),
-            Weight::Paneled(t, p) => Weight::Paneled(t.detach(), p.clone()),
+            Weight::Paneled(p) => Weight::Paneled(p.clone()),
         },
         scale,
         down,
@@ -521,11 +521,9 @@ impl Backward3 for LoraBackward {
             grad.dims().last().copied().unwrap_or(1),
         );
         let (x2, g2) = (x.reshape(((), i))?, grad.reshape(((), o))?);
-        // A packed weight is unpacked here (a model set up for inference, trained).
-        let w = self.weight.to_tensor()?;
         let (dx, da, db) = fused_cpu::lora_backward(
             &x2,
-            &w,
+            &self.weight,
             a,
             b,
             &g2,

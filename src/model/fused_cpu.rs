@@ -28,7 +28,7 @@ use candle_core::{DType, Result, Storage, Tensor};
 use super::frozen::Weight;
 use super::mask::MASKED;
 use super::packed;
-use super::panels::Update;
+use super::panels::{Panels, Update};
 use rayon::prelude::*;
 
 /// Partial sums per row reduction: 64 f32 lanes, four AVX-512 registers (eight AVX2
@@ -1753,6 +1753,19 @@ pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(dx, shape, g.device())
 }
 
+/// [`linear_input_grad`] over a weight set up for training ([`Panels::input_grad`]).
+pub fn panel_input_grad(g: &Tensor, p: &Panels) -> Result<Tensor> {
+    let (n, k) = p.dims();
+    let mut shape = g.dims().to_vec();
+    match shape.last_mut() {
+        Some(last) if *last == n => *last = k,
+        _ => candle_core::bail!("linear: gradient {:?} for a weight {:?}", g.dims(), [n, k]),
+    }
+    let m = g.elem_count() / n.max(1);
+    let dx = with_f32(g, |gs| Ok(p.input_grad(gs, m, None)))?;
+    Tensor::from_vec(dx, shape, g.device())
+}
+
 /// Query rows a forward task takes, and the backward's row chunk: the scores of a chunk
 /// (`ROW_CHUNK x t`) stay in the core's cache between the products and the softmax.
 /// Under a causal mask a chunk computes the keys of its last row for all its rows, so
@@ -2142,15 +2155,15 @@ pub fn lora_forward(
                     Weight::Packed(p) => {
                         return Ok((p.lora_linear(xs, m, as_, bs, r, s as f32), None))
                     }
-                    Weight::Paneled(_, p) => {
+                    Weight::Paneled(p) => {
                         let t = linear(xs, as_, (m, r, i));
                         let update = Update {
                             t: &t,
-                            b: bs,
+                            b: (bs, r, 1),
                             r,
                             s: s as f32,
                         };
-                        return Ok((p.product(xs, m, Some(update)), Some(t)));
+                        return Ok((p.forward(xs, m, Some(update)), Some(t)));
                     }
                     Weight::Tensor(w) => w,
                 };
@@ -2196,11 +2209,12 @@ pub fn lora_forward(
 
 /// The gradients of [`lora_forward`] given `g` `[m, out]`: for `x` (when `need_dx`),
 /// `A` and `B`. `dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`; `t`
-/// is `x A^T` as the forward computed it (computed here when `None`).
+/// is `x A^T` as the forward computed it (computed here when `None`). A packed weight
+/// (inference's) is unpacked for it; one set up for training gives `dx` from its panels.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     x: &Tensor,
-    w: &Tensor,
+    w: &Weight,
     a: &Tensor,
     b: &Tensor,
     g: &Tensor,
@@ -2208,47 +2222,49 @@ pub fn lora_backward(
     t: Option<&[f32]>,
     need_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let (m, i, o, r) = lora_dims(x, w.dims2()?, a, b)?;
+    let (m, i, o, r) = lora_dims(x, w.dims()?, a, b)?;
     if g.dims() != [m, o] || t.is_some_and(|t| t.len() != m * r) {
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }
     let s = s as f32;
+    let dense = match w {
+        Weight::Paneled(_) => None,
+        _ => Some(w.to_tensor()?),
+    };
     let (dx, da, db) = with_f32(x, |xs| {
-        with_matrix(w, |wm| {
-            with_f32(a, |as_| {
-                with_f32(b, |bs| {
-                    with_f32(g, |gs| {
-                        let computed;
-                        let t = match t {
-                            Some(t) => t,
-                            None => {
-                                computed = linear(xs, as_, (m, r, i));
-                                &computed[..]
-                            }
-                        };
-                        // u = g B [m, r], dA and dB; then dx = g W + s u A.
-                        let (u, da, db) = adapter_grads((m, i, o, r), xs, gs, (bs, t), s);
-                        let dx = if need_dx && packs_per_call(m, o) {
-                            // On g's rows packed, the sums continuing into s u A (A as
-                            // stored).
-                            let gp = packed::PackedRows::new(gs, m, o);
-                            let su: Vec<f32> = u.iter().map(|v| v * s).collect();
-                            let low = Some((&su[..], r, (as_, i, 1)));
-                            Some(gp.strided_product(i, wm.operand(), low))
-                        } else {
-                            need_dx.then(|| {
-                                // The product starts from s (g B) A (A as stored).
-                                let up = (r > 0).then_some(LowRank {
-                                    lhs: (&u, r, 1),
-                                    rhs: (as_, i, 1),
-                                    r,
-                                    s,
-                                });
-                                matmul_plus((m, i, o), (gs, o, 1), wm.operand(), up)
-                            })
-                        };
-                        Ok((dx, da, db))
-                    })
+        with_f32(a, |as_| {
+            with_f32(b, |bs| {
+                with_f32(g, |gs| {
+                    let computed;
+                    let t = match t {
+                        Some(t) => t,
+                        None => {
+                            computed = linear(xs, as_, (m, r, i));
+                            &computed[..]
+                        }
+                    };
+                    // u = g B [m, r], dA and dB; then dx = g W + s u A.
+                    let (u, da, db) = adapter_grads((m, i, o, r), xs, gs, (bs, t), s);
+                    if !need_dx {
+                        return Ok((None, da, db));
+                    }
+                    let dx = match (w, &dense) {
+                        (Weight::Paneled(p), _) => {
+                            // The update's B is A^T (A as stored).
+                            let update = Update {
+                                t: &u,
+                                b: (as_, 1, i),
+                                r,
+                                s,
+                            };
+                            p.input_grad(gs, m, Some(update))
+                        }
+                        (_, Some(w)) => with_matrix(w, |wm| {
+                            Ok(dense_input_grad((m, i, o, r), gs, wm, &u, as_, s))
+                        })?,
+                        (_, None) => unreachable!("only a paneled weight has no tensor here"),
+                    };
+                    Ok((Some(dx), da, db))
                 })
             })
         })
@@ -2263,6 +2279,33 @@ pub fn lora_backward(
         Tensor::from_vec(da, (r, i), dev)?,
         Tensor::from_vec(db, (o, r), dev)?,
     ))
+}
+
+/// [`lora_backward`]'s `dx = g W + s u A` for a weight as a tensor: on `g`'s rows packed
+/// where [`packs_per_call`] says so, otherwise gemm's product starting from `s u A`.
+fn dense_input_grad(
+    (m, i, o, r): (usize, usize, usize, usize),
+    gs: &[f32],
+    wm: Matrix,
+    u: &[f32],
+    as_: &[f32],
+    s: f32,
+) -> Vec<f32> {
+    if packs_per_call(m, o) {
+        // On g's rows packed, the sums continuing into s u A (A as stored).
+        let gp = packed::PackedRows::new(gs, m, o);
+        let su: Vec<f32> = u.iter().map(|v| v * s).collect();
+        let low = Some((&su[..], r, (as_, i, 1)));
+        return gp.strided_product(i, wm.operand(), low);
+    }
+    // The product starts from s (g B) A (A as stored).
+    let up = (r > 0).then_some(LowRank {
+        lhs: (u, r, 1),
+        rhs: (as_, i, 1),
+        r,
+        s,
+    });
+    matmul_plus((m, i, o), (gs, o, 1), wm.operand(), up)
 }
 
 /// Rows of `x` and `g` one gemm call of [`adapter_grads`] sums over.
@@ -2643,7 +2686,9 @@ mod tests {
                     .build()
                     .unwrap();
                 let (dx, da, db) = pool
-                    .install(|| lora_backward(&x, &w, &a, &b, &g, 1.5, None, true))
+                    .install(|| {
+                        lora_backward(&x, &Weight::Tensor(w.clone()), &a, &b, &g, 1.5, None, true)
+                    })
                     .unwrap();
                 [dx.unwrap(), da, db].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             });

@@ -170,14 +170,19 @@ impl Llama {
         self.store_as(super::packed::packing_pays())
     }
 
-    /// Sets the model up for training: every frozen projection and the LM head
-    /// ([`FrozenLinear::store_for_training`]: on CPUs with AVX-512, large f32 weights keep
-    /// a second copy packed for the forward's product). The train stage calls it.
+    /// Sets the model up for training: every frozen projection and an untied LM head
+    /// ([`FrozenLinear::store_for_training`]: on CPUs with AVX-512, large f32 weights
+    /// packed for the forward's and the backward's products). The train stage calls it.
+    /// A tied LM head keeps the embedding's tensor (the embedding would keep it anyway,
+    /// beside two packed copies).
     pub fn store_for_training(&mut self) -> candle_core::Result<()> {
         for l in self.linears_mut() {
             l.store_for_training()?;
         }
-        self.lm_head.store_for_training()
+        if !self.cfg.tie_word_embeddings {
+            self.lm_head.store_for_training()?;
+        }
+        Ok(())
     }
 
     /// [`Self::store_for_inference`] never packing (every weight transposed, as on CPUs

@@ -1,24 +1,29 @@
-//! A frozen weight packed once for training's forward on CPUs with AVX-512, and the
-//! product over it: our own loops around gemm's AVX-512 micro-kernel.
+//! A frozen weight packed once for training on CPUs with AVX-512, and the products over
+//! it: our own loops around gemm's AVX-512 micro-kernel.
 //!
 //! Training's forward `y = x W^T` for `W` `[out, in]` as loaded made gemm pack `W` at
 //! every call (a transpose of the whole weight, which does not fit the caches) or, in
 //! [`crate::model::fused_cpu`]'s `transposed_product`, transpose `x` and `y` around a
-//! product that reads `W` as stored. The weight is frozen, so [`PanelWeight`] packs it
-//! once, the way gemm's `avx512f` micro-kernel (`gemm_f32::microkernel::avx512f::f32`,
-//! 64 x 6 tiles, 24 zmm accumulators) reads its left operand: panels of [`MR`] (64)
+//! product that reads `W` as stored; the backward's `g W` had gemm pack `g` and read `W`
+//! down its rows. The weight is frozen, so [`Panels`] packs it once each way, the way
+//! gemm's `avx512f` micro-kernel (`gemm_f32::microkernel::avx512f::f32`, 64 x 6 tiles,
+//! 24 zmm accumulators) reads its left operand ([`PanelWeight`]): panels of [`MR`] (64)
 //! output features, each holding, for every input feature `p`, the panel's 64 weights
-//! `W[o, p]` side by side. The kernel broadcasts its right operand from any strides, so
-//! it reads `x`'s rows where they are, and it stores a tile's 64 outputs of a row side
-//! by side, so it writes `y` as it is laid out: no transposes and no packing at the call.
+//! side by side; `W` for the forward, `W^T` for the backward (`g W = g (W^T)^T`, the
+//! same product). The kernel broadcasts its right operand from any strides, so it reads
+//! the rows of `x` (or `g`) where they are, and it stores a tile's 64 outputs of a row
+//! side by side, so it writes `y` (or `dx`) as it is laid out: no transposes and no
+//! packing at the call. The two copies take twice the weight's memory, and the tensor
+//! as loaded is let go.
 //!
 //! [`PanelWeight::product`] runs the input features [`KC`] (512) at a time; within a
 //! block, for each group of [`PANEL_GROUP`] (4) panels (a 512 x 256 block of weights,
-//! 512 KB, kept in L2), 6 rows of `x` at a time against each panel (the rows, 12 KB,
-//! stay in L1). Each output is the kernel's sum over the first block (started from the
-//! LoRA update when there is one: a call over its `r` features first), then each later
+//! 512 KB, kept in L2), 6 rows at a time against each panel (the rows, 12 KB, stay in
+//! L1). Each output is the kernel's sum over the first block (started from the LoRA
+//! update when there is one: a call over its `r` features first), then each later
 //! block's sum added to it in order: a fixed order whatever the split over threads,
-//! which cuts panels and rows. Measured against gemm (BENCHMARKS.md, "Session 20").
+//! which cuts panels and rows. Measured against gemm and PyTorch in BENCHMARKS.md
+//! ("Session 20").
 
 use rayon::prelude::*;
 
@@ -67,14 +72,56 @@ pub struct PanelWeight {
     data: Vec<f32>,
 }
 
-/// A LoRA update for [`PanelWeight::product`]: `s t B^T` with `t` `[m, r]` and `B`
-/// `[out, r]`, row-major slices.
+/// A LoRA update for [`PanelWeight::product`]: `s t B^T` with `t` `[m, r]` row-major
+/// and `B` `[out, r]` given as (slice, row stride, column stride): `B` itself in the
+/// forward, `A^T` in the backward.
 #[derive(Clone, Copy)]
 pub struct Update<'a> {
     pub t: &'a [f32],
-    pub b: &'a [f32],
+    pub b: (&'a [f32], usize, usize),
     pub r: usize,
     pub s: f32,
+}
+
+/// A frozen weight `W` `[out, in]` set up for training on CPUs with AVX-512
+/// ([`crate::model::frozen::FrozenLinear::store_for_training`]): `W` in panels for the
+/// forward's `x W^T`, and `W^T` in panels for the backward's `g W` (the same product
+/// with `W^T` in `W`'s place), and no other copy.
+#[derive(Debug)]
+pub struct Panels {
+    forward: PanelWeight,
+    backward: PanelWeight,
+}
+
+impl Panels {
+    /// Packs the weight `[out, in]` whose element `(o, i)` is `at(o, i)` both ways.
+    pub fn from_fn(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        Self {
+            forward: PanelWeight::from_fn(out, inp, &at),
+            backward: PanelWeight::from_fn(inp, out, |i, o| at(o, i)),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        self.forward.dims()
+    }
+
+    /// Element `(o, i)` of the weight.
+    pub fn at(&self, o: usize, i: usize) -> f32 {
+        self.backward.at(i, o)
+    }
+
+    /// `x W^T (+ s t B^T)` `[m, out]` for `x` `[m, in]`: [`PanelWeight::product`].
+    pub fn forward(&self, x: &[f32], m: usize, update: Option<Update>) -> Vec<f32> {
+        self.forward.product(x, m, update)
+    }
+
+    /// `g W (+ s u A)` `[m, in]` for `g` `[m, out]` (the update's `B` is `A^T`):
+    /// [`PanelWeight::product`] over `W^T`.
+    pub fn input_grad(&self, g: &[f32], m: usize, update: Option<Update>) -> Vec<f32> {
+        self.backward.product(g, m, update)
+    }
 }
 
 impl PanelWeight {
@@ -89,6 +136,16 @@ impl PanelWeight {
         (self.out, self.inp)
     }
 
+    /// Element `(o, i)`. Panics outside `[out, in]`.
+    pub fn at(&self, o: usize, i: usize) -> f32 {
+        assert!(
+            o < self.out && i < self.inp,
+            "panel weight: ({o}, {i}) outside {:?}",
+            self.dims()
+        );
+        self.data[(o / MR) * self.inp * MR + i * MR + o % MR]
+    }
+
     /// `y = x W^T` `[m, out]` for `x` `[m, in]` row-major, plus `s t B^T` when `update` is
     /// set (summed first). Panics unless [`available`] and the slices fit the sizes.
     pub fn product(&self, x: &[f32], m: usize, update: Option<Update>) -> Vec<f32> {
@@ -96,13 +153,15 @@ impl PanelWeight {
         assert!(available(), "panel product: this CPU has no AVX-512");
         assert_eq!(x.len(), m * k, "panel product: x is not [{m}, {k}]");
         // B in panels like W's (it changes every step; out x r is small).
-        let low = update.filter(|u| u.r > 0).map(|u| {
+        let low = update.filter(|u| u.r > 0 && n > 0).map(|u| {
+            let (b, rs, cs) = u.b;
+            let last = (n - 1) * rs + (u.r - 1) * cs;
             assert!(
-                u.t.len() == m * u.r && u.b.len() == n * u.r,
+                u.t.len() == m * u.r && last < b.len(),
                 "panel product: update's t or B does not fit [{m}, {n}] at rank {}",
                 u.r
             );
-            (u, pack(n, u.r, |o, j| u.b[o * u.r + j]))
+            (u, pack(n, u.r, |o, j| b[o * rs + j * cs]))
         });
         let mut y = Vec::<f32>::with_capacity(m * n);
         if m == 0 || n == 0 {
@@ -292,7 +351,12 @@ mod tests {
     ) -> Vec<f32> {
         let p = PanelWeight::from_fn(n, k, |o, i| w[o * k + i]);
         assert_eq!(p.dims(), (n, k));
-        let update = low.map(|(t, b, s)| Update { t, b, r, s });
+        let update = low.map(|(t, b, s)| Update {
+            t,
+            b: (b, r, 1),
+            r,
+            s,
+        });
         p.product(x, m, update)
     }
 
