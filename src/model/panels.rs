@@ -17,7 +17,7 @@
 //! as loaded is let go.
 //!
 //! [`PanelWeight::product`] runs the input features [`KC`] (512) at a time; within a
-//! block, for each group of [`PANEL_GROUP`] (4) panels (a 512 x 256 block of weights,
+//! block, for each group of `PANEL_GROUP` (4) panels (a 512 x 256 block of weights,
 //! 512 KB, kept in L2), 6 rows at a time against each panel (the rows, 12 KB, stay in
 //! L1). Each output is the kernel's sum over the first block (started from the LoRA
 //! update when there is one: a call over its `r` features first), then each later
