@@ -63,6 +63,32 @@ impl Weight {
     }
 }
 
+/// How [`FrozenLinear::store_for_inference`] stores a weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InferenceLayout {
+    /// [`PackedWeight`].
+    Packed,
+    /// [`Panels::forward_only`].
+    Paneled,
+    /// The contiguous transpose.
+    Transposed,
+}
+
+impl InferenceLayout {
+    /// The fastest layout on this CPU for a weight `[out, in]`: packed where
+    /// [`super::packed::packing_pays`], in panels where [`super::panels::available`] and
+    /// [`super::panels::pays`], otherwise transposed.
+    pub(crate) fn fastest(out: usize, inp: usize) -> Self {
+        if super::packed::packing_pays() {
+            Self::Packed
+        } else if super::panels::available() && super::panels::pays(out, inp) {
+            Self::Paneled
+        } else {
+            Self::Transposed
+        }
+    }
+}
+
 impl FrozenLinear {
     /// Wraps existing tensors. They should not be `Var`s: no gradient reaches them.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -88,37 +114,53 @@ impl FrozenLinear {
         Ok(Self::new(weight, bias))
     }
 
-    /// Re-stores an f32 CPU weight the way the forward reads it fastest: packed
-    /// ([`PackedWeight`]) where this CPU runs the packed product, else as its contiguous
-    /// transpose `[in, out]` seen as the same `[out, in]` tensor, which gemm reads without
-    /// packing for products of up to 48 rows and packs with contiguous reads above that
-    /// (15-50 % faster at 128 rows; BENCHMARKS.md). Either way the same memory. The input
-    /// gradient's product wants the loaded layout, so models that train keep it. The
-    /// loaded copy is dropped unless something else holds it (a tied embedding does).
-    /// Other devices and dtypes keep their layout.
+    /// Re-stores an f32 CPU weight the way the forward reads it fastest
+    /// ([`InferenceLayout::fastest`]): packed ([`PackedWeight`]) where this CPU runs the
+    /// packed product; on CPUs with AVX-512, in panels for the forward alone where the
+    /// weight is large enough ([`Panels::forward_only`]); else as its contiguous
+    /// transpose `[in, out]` seen as the same `[out, in]` tensor, which gemm reads
+    /// without packing for products of up to 48 rows and packs with contiguous reads
+    /// above that (15-50 % faster at 128 rows; BENCHMARKS.md). Each way the same memory.
+    /// The input gradient's product wants the loaded layout (or training's panels), so
+    /// models that train keep it ([`Self::store_for_training`]). The loaded copy is
+    /// dropped unless something else holds it (a tied embedding does). Other devices and
+    /// dtypes keep their layout.
     pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
-        self.store_as(super::packed::packing_pays())
+        let (out, inp) = self.weight.dims()?;
+        self.store_as(InferenceLayout::fastest(out, inp))
     }
 
     /// [`Self::store_for_inference`] never packing: the transposed layout (what CPUs
-    /// without the packed product get), for comparisons.
+    /// without the packed product or panels get), for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
-        self.store_as(false)
+        self.store_as(InferenceLayout::Transposed)
     }
 
-    /// [`Self::store_for_inference`], packed only when `pack` (and the CPU has the
-    /// packed product's instructions or runs its scalar path: the tests take both).
-    pub(crate) fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
+    /// [`Self::store_for_inference`] in the given layout (packed, or in panels, only
+    /// where the CPU has the instructions or, packed, runs the scalar path: the tests
+    /// take each).
+    pub(crate) fn store_as(&mut self, layout: InferenceLayout) -> candle_core::Result<()> {
         let Weight::Tensor(w) = &self.weight else {
             return Ok(());
         };
         if !(w.device().is_cpu() && w.dtype() == DType::F32) {
             return Ok(());
         }
-        if pack {
-            self.weight = Weight::Packed(Arc::new(PackedWeight::pack(w)?));
-        } else if w.layout().stride()[1] == 1 {
-            self.weight = Weight::Tensor(super::fused_cpu::transpose(w)?.t()?);
+        match layout {
+            InferenceLayout::Packed => {
+                self.weight = Weight::Packed(Arc::new(PackedWeight::pack(w)?));
+            }
+            InferenceLayout::Paneled => {
+                let (out, inp) = w.dims2()?;
+                let panels = super::fused_cpu::with_matrix(w, |m| {
+                    Ok(Panels::forward_only(out, inp, |o, i| m.at(o, i)))
+                })?;
+                self.weight = Weight::Paneled(Arc::new(panels));
+            }
+            InferenceLayout::Transposed if w.layout().stride()[1] == 1 => {
+                self.weight = Weight::Tensor(super::fused_cpu::transpose(w)?.t()?);
+            }
+            InferenceLayout::Transposed => {}
         }
         Ok(())
     }
@@ -312,7 +354,7 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // d(x @ W^T)/dx = grad @ W; the weight is deliberately left without a gradient.
         if let Weight::Paneled(p) = &self.weight {
-            if grad.device().is_cpu() && grad.dtype() == DType::F32 {
+            if p.trains() && grad.device().is_cpu() && grad.dtype() == DType::F32 {
                 return super::fused_cpu::panel_input_grad(grad, p).map(Some);
             }
         }
@@ -420,24 +462,35 @@ mod tests {
             (y, grads.get(x.as_tensor()).unwrap().clone())
         };
         let (y1, g1) = run(&plain);
-        // Packed, and transposed (what CPUs without the packed product get).
-        for pack in [true, false] {
+        // Packed, in panels (on CPUs with AVX-512), and transposed (what CPUs without
+        // either get).
+        let mut layouts = vec![InferenceLayout::Packed, InferenceLayout::Transposed];
+        if crate::model::panels::available() {
+            layouts.push(InferenceLayout::Paneled);
+        }
+        for layout in layouts {
             let mut stored = FrozenLinear::new(w.clone(), Some(b.clone()));
-            stored.store_as(pack).unwrap();
-            stored.store_as(pack).unwrap(); // twice: still one re-store
+            stored.store_as(layout).unwrap();
+            stored.store_as(layout).unwrap(); // twice: still one re-store
             assert_eq!(stored.dims(), (7, 5));
             match stored.stored() {
                 Weight::Packed(p) => {
-                    assert!(pack);
+                    assert_eq!(layout, InferenceLayout::Packed);
                     assert_eq!(max_diff(&p.to_tensor(&Device::Cpu).unwrap(), &w), 0.0);
                 }
                 Weight::Tensor(t) => {
-                    assert!(!pack);
+                    assert_eq!(layout, InferenceLayout::Transposed);
                     assert_eq!(t.layout().stride(), [1, 5]);
                     assert_eq!(max_diff(t, &w), 0.0);
                 }
-                Weight::Paneled(..) => panic!("store_as never packs panels"),
+                Weight::Paneled(p) => {
+                    assert_eq!(layout, InferenceLayout::Paneled);
+                    assert!(!p.trains(), "inference's panels are the forward's alone");
+                    let unpacked = stored.stored().to_tensor().unwrap();
+                    assert_eq!(max_diff(&unpacked, &w), 0.0);
+                }
             }
+            // The backward of a weight set up for inference takes it unpacked.
             let (y2, g2) = run(&stored);
             assert!(max_diff(&y1, &y2) < 1e-5, "{}", max_diff(&y1, &y2));
             assert!(max_diff(&g1, &g2) < 1e-5, "{}", max_diff(&g1, &g2));
@@ -446,10 +499,30 @@ mod tests {
         auto.store_for_inference().unwrap();
         let packed = matches!(auto.stored(), Weight::Packed(_));
         assert_eq!(packed, super::super::packed::packing_pays());
-        // Other dtypes keep their layout, packing asked for or not.
-        for pack in [true, false] {
+        // Large enough, a weight gets panels on CPUs with AVX-512 (that do not pack).
+        let n = crate::model::panels::PANEL_MIN;
+        let mut big = FrozenLinear::new(
+            Tensor::zeros((n, n), DType::F32, &Device::Cpu).unwrap(),
+            None,
+        );
+        big.store_for_inference().unwrap();
+        let paneled = matches!(big.stored(), Weight::Paneled(_));
+        assert_eq!(
+            paneled,
+            InferenceLayout::fastest(n, n) == InferenceLayout::Paneled
+        );
+        assert_eq!(
+            paneled,
+            crate::model::panels::available() && !super::super::packed::packing_pays()
+        );
+        // Other dtypes keep their layout, whatever is asked.
+        for layout in [
+            InferenceLayout::Packed,
+            InferenceLayout::Paneled,
+            InferenceLayout::Transposed,
+        ] {
             let mut f64s = FrozenLinear::new(rand(&[5, 7]), None);
-            f64s.store_as(pack).unwrap();
+            f64s.store_as(layout).unwrap();
             assert_eq!(f64s.weight().unwrap().layout().stride(), [7, 1]);
         }
     }

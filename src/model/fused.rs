@@ -1297,6 +1297,13 @@ mod tests {
             frozen.panel().unwrap();
             assert!(matches!(frozen.stored(), Weight::Paneled(..)));
             stored.push(frozen.stored().clone());
+            // And inference's panels (the forward's alone; the backward unpacks them).
+            let mut frozen = crate::model::frozen::FrozenLinear::new(w.clone(), None);
+            frozen
+                .store_as(crate::model::frozen::InferenceLayout::Paneled)
+                .unwrap();
+            assert!(matches!(frozen.stored(), Weight::Paneled(p) if !p.trains()));
+            stored.push(frozen.stored().clone());
         }
         for w_stored in stored {
             let ours = lora_linear(

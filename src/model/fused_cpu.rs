@@ -2228,7 +2228,7 @@ pub fn lora_backward(
     }
     let s = s as f32;
     let dense = match w {
-        Weight::Paneled(_) => None,
+        Weight::Paneled(p) if p.trains() => None,
         _ => Some(w.to_tensor()?),
     };
     let (dx, da, db) = with_f32(x, |xs| {
@@ -2249,7 +2249,7 @@ pub fn lora_backward(
                         return Ok((None, da, db));
                     }
                     let dx = match (w, &dense) {
-                        (Weight::Paneled(p), _) => {
+                        (Weight::Paneled(p), None) => {
                             // The update's B is A^T (A as stored).
                             let update = Update {
                                 t: &u,

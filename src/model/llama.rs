@@ -161,13 +161,13 @@ impl Llama {
 
     /// Sets the model up for inference: every frozen projection, and an untied LM head,
     /// stores its weight as the forward reads it fastest
-    /// ([`FrozenLinear::store_for_inference`]: packed, or transposed), which speeds up
+    /// ([`FrozenLinear::store_for_inference`]: packed, in panels, or transposed), which speeds up
     /// the forward on the CPU in f32 at the same memory. A model set up this way still
     /// trains, with slower backward products, so the train stage does not call it. A
     /// tied LM head keeps the embedding's layout (a transposed copy would be a second
     /// embedding in memory).
     pub fn store_for_inference(&mut self) -> candle_core::Result<()> {
-        self.store_as(super::packed::packing_pays())
+        self.store_as(FrozenLinear::store_for_inference)
     }
 
     /// Sets the model up for training: every frozen projection and an untied LM head
@@ -186,18 +186,21 @@ impl Llama {
     }
 
     /// [`Self::store_for_inference`] never packing (every weight transposed, as on CPUs
-    /// without the packed product): for comparisons.
+    /// without the packed product or panels): for comparisons.
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
-        self.store_as(false)
+        self.store_as(FrozenLinear::store_transposed)
     }
 
-    /// Every frozen projection and an untied LM head, packed when `pack`.
-    fn store_as(&mut self, pack: bool) -> candle_core::Result<()> {
+    /// `store` on every frozen projection and an untied LM head.
+    fn store_as(
+        &mut self,
+        store: impl Fn(&mut FrozenLinear) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
         for l in self.linears_mut() {
-            l.base_mut().store_as(pack)?;
+            store(l.base_mut())?;
         }
         if !self.cfg.tie_word_embeddings {
-            self.lm_head.store_as(pack)?;
+            store(&mut self.lm_head)?;
         }
         Ok(())
     }

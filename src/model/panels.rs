@@ -90,7 +90,8 @@ pub struct Update<'a> {
 #[derive(Debug)]
 pub struct Panels {
     forward: PanelWeight,
-    backward: PanelWeight,
+    /// `None` for a weight set up for inference ([`Panels::forward_only`]).
+    backward: Option<PanelWeight>,
 }
 
 impl Panels {
@@ -98,8 +99,23 @@ impl Panels {
     pub fn from_fn(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         Self {
             forward: PanelWeight::from_fn(out, inp, &at),
-            backward: PanelWeight::from_fn(inp, out, |i, o| at(o, i)),
+            backward: Some(PanelWeight::from_fn(inp, out, |i, o| at(o, i))),
         }
+    }
+
+    /// Packs the weight for the forward alone (inference's layout,
+    /// [`crate::model::frozen::FrozenLinear::store_for_inference`]): the weight's memory
+    /// once. A backward through it takes the weight unpacked.
+    pub fn forward_only(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        Self {
+            forward: PanelWeight::from_fn(out, inp, at),
+            backward: None,
+        }
+    }
+
+    /// Whether the backward's panels are there ([`Self::input_grad`]).
+    pub fn trains(&self) -> bool {
+        self.backward.is_some()
     }
 
     /// `(out, in)`.
@@ -109,7 +125,10 @@ impl Panels {
 
     /// Element `(o, i)` of the weight.
     pub fn at(&self, o: usize, i: usize) -> f32 {
-        self.backward.at(i, o)
+        match &self.backward {
+            Some(b) => b.at(i, o),
+            None => self.forward.at(o, i),
+        }
     }
 
     /// `x W^T (+ s t B^T)` `[m, out]` for `x` `[m, in]`: [`PanelWeight::product`].
@@ -118,9 +137,11 @@ impl Panels {
     }
 
     /// `g W (+ s u A)` `[m, in]` for `g` `[m, out]` (the update's `B` is `A^T`):
-    /// [`PanelWeight::product`] over `W^T`.
+    /// [`PanelWeight::product`] over `W^T`. Panics unless [`Self::trains`].
     pub fn input_grad(&self, g: &[f32], m: usize, update: Option<Update>) -> Vec<f32> {
-        self.backward.product(g, m, update)
+        let backward = self.backward.as_ref();
+        let backward = backward.expect("panels: input gradient of a weight set up for inference");
+        backward.product(g, m, update)
     }
 }
 
