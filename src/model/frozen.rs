@@ -31,8 +31,9 @@ pub enum Weight {
     Tensor(Tensor),
     /// Packed for the CPU forward ([`PackedWeight`]); f32 on the CPU.
     Packed(Arc<PackedWeight>),
-    /// Packed for training on CPUs with AVX-512, once for the forward and once for the
-    /// backward ([`Panels`], [`FrozenLinear::store_for_training`]); f32 on the CPU.
+    /// In panels for CPUs with AVX-512 ([`Panels`]), f32 on the CPU: for the forward and
+    /// the backward when set up for training ([`FrozenLinear::store_for_training`]), for
+    /// the forward alone when set up for inference ([`FrozenLinear::store_for_inference`]).
     Paneled(Arc<Panels>),
 }
 
@@ -55,9 +56,8 @@ impl Weight {
             Weight::Tensor(t) => Ok(Cow::Borrowed(t)),
             Weight::Packed(p) => p.to_tensor(&candle_core::Device::Cpu).map(Cow::Owned),
             Weight::Paneled(p) => {
-                let (out, inp) = p.dims();
-                let data: Vec<f32> = (0..out * inp).map(|e| p.at(e / inp, e % inp)).collect();
-                Tensor::from_vec(data, (out, inp), &candle_core::Device::Cpu).map(Cow::Owned)
+                let data = p.unpack();
+                Tensor::from_vec(data, p.dims(), &candle_core::Device::Cpu).map(Cow::Owned)
             }
         }
     }

@@ -2227,8 +2227,11 @@ pub fn lora_backward(
         candle_core::bail!("lora linear: gradient {:?} for output [{m}, {o}]", g.dims())
     }
     let s = s as f32;
+    // The weight as a tensor where dx is wanted from one (unpacked where it is packed
+    // for inference).
     let dense = match w {
         Weight::Paneled(p) if p.trains() => None,
+        _ if !need_dx => None,
         _ => Some(w.to_tensor()?),
     };
     let (dx, da, db) = with_f32(x, |xs| {
@@ -2262,7 +2265,7 @@ pub fn lora_backward(
                         (_, Some(w)) => with_matrix(w, |wm| {
                             Ok(dense_input_grad((m, i, o, r), gs, wm, &u, as_, s))
                         })?,
-                        (_, None) => unreachable!("only a paneled weight has no tensor here"),
+                        (_, None) => unreachable!("a tensor is there where dx is wanted"),
                     };
                     Ok((Some(dx), da, db))
                 })

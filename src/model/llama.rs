@@ -321,3 +321,100 @@ impl Llama {
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarMap;
+
+    use crate::model::frozen::Weight;
+    use crate::model::{causal_lm_loss, init_lora, load_model, LoraConfig, Targets};
+
+    /// The fixture Llama with LoRA on every projection, B set to fixed values (it starts
+    /// at zero, which would zero A's gradients); with every frozen weight in training's
+    /// panels when `panels`, whatever its size.
+    fn model(panels: bool) -> (super::Llama, VarMap) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let mut model = load_model(&dir, DType::F32, &Device::Cpu).unwrap();
+        let mut cfg = LoraConfig::new(4, 8.0);
+        cfg.targets = Targets::AllLinear;
+        let varmap = VarMap::new();
+        init_lora(&mut model, &cfg, 7, &varmap).unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("lora_B") {
+                let n = var.elem_count();
+                let values: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7919 + name.len()) % 101) as f32 / 250.0 - 0.2)
+                    .collect();
+                var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        if panels {
+            for l in model.linears_mut() {
+                l.base_mut().panel().unwrap();
+            }
+            model.lm_head.panel().unwrap();
+        }
+        (model, varmap)
+    }
+
+    #[test]
+    fn a_model_in_panels_trains_as_the_loaded_one() {
+        if !crate::model::panels::available() {
+            eprintln!("no AVX-512 on this CPU: the panels are not tried");
+            return;
+        }
+        let ids = Tensor::new(&[[1u32, 15, 9, 200, 17, 3, 42, 8, 99, 5]], &Device::Cpu).unwrap();
+        let run = |panels: bool| {
+            let (model, varmap) = model(panels);
+            if panels {
+                let paneled = model
+                    .linears()
+                    .all(|l| matches!(l.base().stored(), Weight::Paneled(p) if p.trains()));
+                assert!(paneled && matches!(model.lm_head.stored(), Weight::Paneled(_)));
+            }
+            let loss =
+                causal_lm_loss(&model.forward(&ids, None, false).unwrap(), &ids, None).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut named: Vec<(String, Vec<f32>)> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(name, var)| {
+                    let g = grads
+                        .get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{name}: no gradient"));
+                    (
+                        name.clone(),
+                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    )
+                })
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            (loss.to_scalar::<f32>().unwrap(), named)
+        };
+        let (loss1, grads1) = run(false);
+        let (loss2, grads2) = run(true);
+        assert!(
+            (loss1 - loss2).abs() <= 1e-5 * loss1.abs(),
+            "loss {loss1} against {loss2}"
+        );
+        assert_eq!(grads1.len(), grads2.len());
+        for ((name, g1), (_, g2)) in grads1.iter().zip(&grads2) {
+            let size = g1.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = g1
+                .iter()
+                .zip(g2)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(size > 0.0, "{name}: zero gradient");
+            assert!(
+                diff <= 1e-4 * size,
+                "{name}: gradients differ by {diff} of {size}"
+            );
+        }
+    }
+}

@@ -125,10 +125,12 @@ impl Panels {
 
     /// Element `(o, i)` of the weight.
     pub fn at(&self, o: usize, i: usize) -> f32 {
-        match &self.backward {
-            Some(b) => b.at(i, o),
-            None => self.forward.at(o, i),
-        }
+        self.forward.at(o, i)
+    }
+
+    /// The weight `[out, in]` row-major ([`PanelWeight::unpack`]).
+    pub fn unpack(&self) -> Vec<f32> {
+        self.forward.unpack()
     }
 
     /// `x W^T (+ s t B^T)` `[m, out]` for `x` `[m, in]`: [`PanelWeight::product`].
@@ -155,6 +157,21 @@ impl PanelWeight {
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.out, self.inp)
+    }
+
+    /// The weight `[out, in]` row-major, unpacked over the threads a row at a time.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (out, inp) = self.dims();
+        let mut w = vec![0f32; out * inp];
+        if inp > 0 {
+            w.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+                let panel = &self.data[(o / MR) * inp * MR..][..inp * MR];
+                for (v, p) in row.iter_mut().zip(panel.iter().skip(o % MR).step_by(MR)) {
+                    *v = *p;
+                }
+            });
+        }
+        w
     }
 
     /// Element `(o, i)`. Panics outside `[out, in]`.
@@ -205,6 +222,25 @@ impl PanelWeight {
         y
     }
 
+    /// [`Self::run`] off x86-64, where [`available`] is false and nothing calls it
+    /// (gemm has no AVX-512 kernels there).
+    ///
+    /// # Safety
+    ///
+    /// Never called.
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run(
+        &self,
+        _: &[f32],
+        _: usize,
+        _: Option<(Update, &[f32])>,
+        _: SendPtr,
+        _: std::ops::Range<usize>,
+        _: std::ops::Range<usize>,
+    ) {
+        unreachable!("panel product: no AVX-512 off x86-64")
+    }
+
     /// One task of [`Self::product`]: outputs of `panels`' features for `rows` of `x`.
     ///
     /// # Safety
@@ -212,6 +248,7 @@ impl PanelWeight {
     /// [`available`]; `y` holds `m x out` elements, and nothing else touches this block
     /// of them meanwhile; `x` is `[m, in]` and `low`'s `t` `[m, r]`, its panels packed
     /// from `B` `[out, r]`.
+    #[cfg(target_arch = "x86_64")]
     unsafe fn run(
         &self,
         x: &[f32],
@@ -400,6 +437,24 @@ mod tests {
             for s in [None, Some(0.75f32)] {
                 let y = product(&w, dims, &x, s.map(|s| (&t[..], &b[..], s)));
                 assert_eq!(y.len(), m * n);
+                if let Some(s) = s {
+                    // B given as its transpose [r, out] (the backward's A), strided.
+                    let bt: Vec<f32> = (0..r * n).map(|e| b[(e % n) * r + e / n]).collect();
+                    let p = PanelWeight::from_fn(n, k, |o, i| w[o * k + i]);
+                    let update = Update {
+                        t: &t,
+                        b: (&bt, 1, n),
+                        r,
+                        s,
+                    };
+                    let strided = p.product(&x, m, Some(update));
+                    let same = strided
+                        .iter()
+                        .zip(&y)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dims:?}: a strided B changed a bit");
+                    assert_eq!(p.unpack(), w, "{dims:?}: unpacked");
+                }
                 for i in 0..m {
                     for o in 0..n {
                         let mut sum = 0f64;
@@ -433,7 +488,8 @@ mod tests {
             eprintln!("no AVX-512 on this CPU: the panel product is not tried");
             return;
         }
-        // 3 panels on 1, 2, 3 and 5 threads: runs of panels, and rows cut too.
+        // 3 panels on 1 to 8 threads: runs of panels, and from 6 threads the 40 rows cut
+        // in two too (24 and 16).
         let dims = (40, 150, 1030, 4);
         let [x, w, t, b] = operands(dims);
         let run = |threads: usize| {
@@ -444,7 +500,7 @@ mod tests {
             pool.install(|| product(&w, dims, &x, Some((&t, &b, 1.5))))
         };
         let one = run(1);
-        for threads in [2, 3, 5] {
+        for threads in [2, 3, 5, 6, 8] {
             let y = run(threads);
             let same = one.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{threads} threads changed a bit");
