@@ -33,7 +33,7 @@ fn assert_no_base_gradient(model: &Llama, grads: &candle_core::backprop::GradSto
         let weight = linear
             .base()
             .weight()
-            .expect("a training model keeps its weights");
+            .expect("the fixture's weights are too small for panels, so it keeps them");
         assert!(
             grads.get(weight).is_none(),
             "{} got a gradient",

@@ -19,7 +19,8 @@
 //! matrix products are gemm's, whose blocking follows the cache sizes and the thread
 //! count: a CPU run reproduces bit for bit on one machine with one thread count, which is
 //! what the resume test checks; a weight packed for inference goes through
-//! [`super::packed`], whose sums do not depend on the thread count.)
+//! [`super::packed`], and one in panels (training's and inference's on CPUs with
+//! AVX-512) through [`super::panels`], whose sums do not depend on the thread count.)
 
 use std::mem::MaybeUninit;
 
@@ -1365,7 +1366,10 @@ unsafe fn par_blocks(
 /// 1408 x 512 on the Xeon, which the rule leaves out. The rule does not read the thread
 /// count, so the path, and with it the bits, stay the same on every count (invariant
 /// 11); more than 64 rows keeps gemm's blocking of the sums the same in every block
-/// (gemm blocks `k` differently when both sides of its product are 64 or less).
+/// (gemm blocks `k` differently when both sides of its product are 64 or less). On
+/// CPUs with AVX-512, weights of at least 2,048 features each way are in panels for
+/// training and never reach this product ([`super::panels`]); it serves the smaller ones
+/// there, and every size on CPUs with AVX2 alone.
 fn transposes_output((m, n, k): (usize, usize, usize), lhs: Operand, rhs: Operand) -> bool {
     let extra = m.saturating_mul(k.saturating_mul(2).saturating_add(n));
     rhs.1 == 1 && lhs.2 == 1 && m > 64 && n.saturating_mul(k) > extra && packed::simd_available()
@@ -2137,8 +2141,10 @@ fn lora_dims(
 /// ([`packed::PackedWeight::lora_linear`], [`packed::PackedRows::strided_product`], the
 /// rows packed once for `x A^T` and the main product); otherwise gemm's base product
 /// starting from the low-rank update ([`matmul_plus`]), with no pass of its own.
-/// Returns `y` and, for a weight that is not packed (training's), `t = x A^T` `[m, r]`,
-/// which [`lora_backward`] takes instead of computing it again.
+/// A weight in panels ([`Weight::Paneled`]) runs [`super::panels::Panels::forward`],
+/// the update summed first. Returns `y` and, for a weight not packed for the AVX2 kernel
+/// (training's), `t = x A^T` `[m, r]`, which [`lora_backward`] takes instead of computing
+/// it again.
 pub fn lora_forward(
     x: &Tensor,
     w: &Weight,
