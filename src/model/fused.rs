@@ -908,7 +908,7 @@ pub fn loss_dtype(dtype: DType) -> DType {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_util::max_diff;
+    use crate::model::test_util::{max_diff, rel_diff};
     use candle_core::{Device, Var};
 
     /// Deterministic values in about [-1.7, 1.7], different for each seed.
@@ -993,11 +993,6 @@ mod tests {
                 "gradient is zero"
             );
         }
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        max_diff(a, b) / max_diff(b, &b.zeros_like().unwrap()).max(1e-30)
     }
 
     /// An f32 copy of `v` as a new variable.

@@ -38,14 +38,13 @@ pub const KC: usize = 512;
 /// Panels a block of the product runs through before taking the next rows.
 const PANEL_GROUP: usize = 4;
 
-/// Features a weight has at least, each way, for [`PanelWeight`] to serve training
-/// ([`pays`]).
+/// Features a weight has at least, each way, to be packed in panels ([`pays`]).
 pub const PANEL_MIN: usize = 2048;
 
-/// Whether a weight `[out, in]` is packed in panels for training (on a CPU that
-/// [`available`] allows): at least [`PANEL_MIN`] features each way, where it was
-/// measured to pay (BENCHMARKS.md, "Session 20"; at 512 to 1,408 features gemm's product
-/// ran as fast or faster on the Xeon).
+/// Whether a weight `[out, in]` is packed in panels, for training or inference (on a
+/// CPU that [`available`] allows): at least [`PANEL_MIN`] features each way, where it
+/// was measured to pay (BENCHMARKS.md, "Session 20"; at 512 to 1,408 features the
+/// panels read 0.82-1.16x gemm's product on the Xeon, 1.03-1.12x on a Zen 4).
 pub fn pays(out: usize, inp: usize) -> bool {
     out >= PANEL_MIN && inp >= PANEL_MIN
 }

@@ -17,3 +17,8 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// `max |a - b| / max |b|`.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_diff(a, b) / max_diff(b, &b.zeros_like().unwrap()).max(1e-30)
+}
