@@ -150,13 +150,7 @@ impl FrozenLinear {
             InferenceLayout::Packed => {
                 self.weight = Weight::Packed(Arc::new(PackedWeight::pack(w)?));
             }
-            InferenceLayout::Paneled => {
-                let (out, inp) = w.dims2()?;
-                let panels = super::fused_cpu::with_matrix(w, |m| {
-                    Ok(Panels::forward_only(out, inp, |o, i| m.at(o, i)))
-                })?;
-                self.weight = Weight::Paneled(Arc::new(panels));
-            }
+            InferenceLayout::Paneled => self.weight = paneled(w, false)?,
             InferenceLayout::Transposed if w.layout().stride()[1] == 1 => {
                 self.weight = Weight::Tensor(super::fused_cpu::transpose(w)?.t()?);
             }
@@ -191,13 +185,9 @@ impl FrozenLinear {
     /// Packs an f32 CPU weight into panels both ways, whatever its size (the caller
     /// checks the CPU).
     pub(crate) fn panel(&mut self) -> candle_core::Result<()> {
-        let Weight::Tensor(w) = &self.weight else {
-            return Ok(());
-        };
-        let (out, inp) = w.dims2()?;
-        let panels =
-            super::fused_cpu::with_matrix(w, |m| Ok(Panels::from_fn(out, inp, |o, i| m.at(o, i))))?;
-        self.weight = Weight::Paneled(Arc::new(panels));
+        if let Weight::Tensor(w) = &self.weight {
+            self.weight = paneled(w, true)?;
+        }
         Ok(())
     }
 
@@ -224,6 +214,21 @@ impl FrozenLinear {
         let (out, inp) = self.weight.dims().unwrap_or((0, 0));
         (inp, out)
     }
+}
+
+/// An f32 CPU weight `[out, in]` in panels: both ways when `train` ([`Panels::from_fn`]),
+/// the forward's alone otherwise ([`Panels::forward_only`]).
+fn paneled(w: &Tensor, train: bool) -> candle_core::Result<Weight> {
+    let (out, inp) = w.dims2()?;
+    let panels = super::fused_cpu::with_matrix(w, |m| {
+        let at = |o, i| m.at(o, i);
+        Ok(if train {
+            Panels::from_fn(out, inp, at)
+        } else {
+            Panels::forward_only(out, inp, at)
+        })
+    })?;
+    Ok(Weight::Paneled(Arc::new(panels)))
 }
 
 impl Module for FrozenLinear {

@@ -1741,32 +1741,30 @@ pub fn with_matrix<R>(t: &Tensor, f: impl FnOnce(Matrix) -> Result<R>) -> Result
 /// `g` with `k` features.
 pub fn linear_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
-    let mut shape = g.dims().to_vec();
-    match shape.last_mut() {
-        Some(last) if *last == n => *last = k,
-        _ => candle_core::bail!(
-            "linear: gradient {:?} for a weight {:?}",
-            g.dims(),
-            w.dims()
-        ),
-    }
-    let m = g.elem_count() / n.max(1);
-    let dx = with_f32(g, |gs| {
+    input_grad_with(g, (n, k), |gs, m| {
         with_matrix(w, |w| Ok(frozen_product((m, k, n), gs, w.operand())))
-    })?;
-    Tensor::from_vec(dx, shape, g.device())
+    })
 }
 
 /// [`linear_input_grad`] over a weight set up for training ([`Panels::input_grad`]).
 pub fn panel_input_grad(g: &Tensor, p: &Panels) -> Result<Tensor> {
-    let (n, k) = p.dims();
+    input_grad_with(g, p.dims(), |gs, m| Ok(p.input_grad(gs, m, None)))
+}
+
+/// A linear layer's input gradient for `g` `[..., n]` and a weight `[n, k]`, shaped as
+/// `g` with `k` features: `product(g's m x n elements, m)` gives its `m x k` elements.
+fn input_grad_with(
+    g: &Tensor,
+    (n, k): (usize, usize),
+    product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
     let mut shape = g.dims().to_vec();
     match shape.last_mut() {
         Some(last) if *last == n => *last = k,
         _ => candle_core::bail!("linear: gradient {:?} for a weight {:?}", g.dims(), [n, k]),
     }
     let m = g.elem_count() / n.max(1);
-    let dx = with_f32(g, |gs| Ok(p.input_grad(gs, m, None)))?;
+    let dx = with_f32(g, |gs| product(gs, m))?;
     Tensor::from_vec(dx, shape, g.device())
 }
 

@@ -82,10 +82,11 @@ pub struct Update<'a> {
     pub s: f32,
 }
 
-/// A frozen weight `W` `[out, in]` set up for training on CPUs with AVX-512
-/// ([`crate::model::frozen::FrozenLinear::store_for_training`]): `W` in panels for the
-/// forward's `x W^T`, and `W^T` in panels for the backward's `g W` (the same product
-/// with `W^T` in `W`'s place), and no other copy.
+/// A frozen weight `W` `[out, in]` in panels on CPUs with AVX-512, and no other copy:
+/// set up for training ([`crate::model::frozen::FrozenLinear::store_for_training`]),
+/// `W` in panels for the forward's `x W^T` and `W^T` for the backward's `g W` (the same
+/// product with `W^T` in `W`'s place); set up for inference
+/// ([`crate::model::frozen::FrozenLinear::store_for_inference`]), `W` alone.
 #[derive(Debug)]
 pub struct Panels {
     forward: PanelWeight,
@@ -120,11 +121,6 @@ impl Panels {
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         self.forward.dims()
-    }
-
-    /// Element `(o, i)` of the weight.
-    pub fn at(&self, o: usize, i: usize) -> f32 {
-        self.forward.at(o, i)
     }
 
     /// The weight `[out, in]` row-major ([`PanelWeight::unpack`]).
@@ -171,16 +167,6 @@ impl PanelWeight {
             });
         }
         w
-    }
-
-    /// Element `(o, i)`. Panics outside `[out, in]`.
-    pub fn at(&self, o: usize, i: usize) -> f32 {
-        assert!(
-            o < self.out && i < self.inp,
-            "panel weight: ({o}, {i}) outside {:?}",
-            self.dims()
-        );
-        self.data[(o / MR) * self.inp * MR + i * MR + o % MR]
     }
 
     /// `y = x W^T` `[m, out]` for `x` `[m, in]` row-major, plus `s t B^T` when `update` is
