@@ -21,7 +21,9 @@ prints its path), that binary runs instead of cargo, on a machine without Rust. 
 RAYON_NUM_THREADS for taper; PyTorch gets the same thread count. Prints, per case, the
 fastest time of each side over all rounds and their ratio PyTorch time / taper time
 (> 1: taper faster), then the lowest and the median of the rounds' own ratios (each
-from one pair of runs seconds apart).
+from one pair of runs seconds apart). With TAPER_COMPARE_JSON=FILE in the environment it
+also writes every round's pair of times (ms, `[taper, torch]`, in round order) to FILE,
+case by case, so the spread behind the summary can be read.
 """
 import json
 import os
@@ -126,6 +128,11 @@ else:
         for case, name in PAIRS.items():
             times[case].append((taper_case(case), torch_case(name)))
         print(f"round {r + 1} of {ROUNDS} done", file=sys.stderr)
+
+dump = os.environ.get("TAPER_COMPARE_JSON")
+if dump:
+    Path(dump).write_text(json.dumps({"threads": THREADS, "turns": TURNS, "times": times},
+                                     indent=1))
 
 print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12} {'rounds: low':>12} {'median':>7}")
 best_taper = {}

@@ -77,11 +77,11 @@ pub(crate) enum InferenceLayout {
 impl InferenceLayout {
     /// The fastest layout on this CPU for a weight `[out, in]`: packed where
     /// [`super::packed::packing_pays`], in panels where [`super::panels::available`] and
-    /// [`super::panels::pays`], otherwise transposed.
+    /// [`super::panels::pays_for_inference`], otherwise transposed.
     pub(crate) fn fastest(out: usize, inp: usize) -> Self {
         if super::packed::packing_pays() {
             Self::Packed
-        } else if super::panels::available() && super::panels::pays(out, inp) {
+        } else if super::panels::available() && super::panels::pays_for_inference(out, inp) {
             Self::Paneled
         } else {
             Self::Transposed
@@ -175,7 +175,7 @@ impl FrozenLinear {
         if w.device().is_cpu()
             && w.dtype() == DType::F32
             && super::panels::available()
-            && super::panels::pays(out, inp)
+            && super::panels::pays_for_training(out, inp)
         {
             self.panel()?;
         }
@@ -504,22 +504,24 @@ mod tests {
         auto.store_for_inference().unwrap();
         let packed = matches!(auto.stored(), Weight::Packed(_));
         assert_eq!(packed, super::super::packed::packing_pays());
-        // Large enough, a weight gets panels on CPUs with AVX-512 (that do not pack).
-        let n = crate::model::panels::PANEL_MIN;
-        let mut big = FrozenLinear::new(
-            Tensor::zeros((n, n), DType::F32, &Device::Cpu).unwrap(),
-            None,
-        );
-        big.store_for_inference().unwrap();
-        let paneled = matches!(big.stored(), Weight::Paneled(_));
-        assert_eq!(
-            paneled,
-            InferenceLayout::fastest(n, n) == InferenceLayout::Paneled
-        );
-        assert_eq!(
-            paneled,
-            crate::model::panels::available() && !super::super::packed::packing_pays()
-        );
+        // Large enough, a weight gets panels on CPUs with AVX-512 (that do not pack);
+        // one feature fewer either way, it does not.
+        let n = crate::model::panels::INFERENCE_PANEL_MIN;
+        let panels_here =
+            crate::model::panels::available() && !super::super::packed::packing_pays();
+        for (out, inp, want) in [(n, n, panels_here), (n - 1, n, false), (n, n - 1, false)] {
+            let mut big = FrozenLinear::new(
+                Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap(),
+                None,
+            );
+            big.store_for_inference().unwrap();
+            let paneled = matches!(big.stored(), Weight::Paneled(_));
+            assert_eq!(paneled, want, "{out} x {inp}");
+            assert_eq!(
+                paneled,
+                InferenceLayout::fastest(out, inp) == InferenceLayout::Paneled
+            );
+        }
         // Other dtypes keep their layout, whatever is asked.
         for layout in [
             InferenceLayout::Packed,

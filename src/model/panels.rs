@@ -38,15 +38,31 @@ pub const KC: usize = 512;
 /// Panels a block of the product runs through before taking the next rows.
 const PANEL_GROUP: usize = 4;
 
-/// Features a weight has at least, each way, to be packed in panels ([`pays`]).
+/// Features a weight has at least, each way, to be packed in panels for training
+/// ([`pays_for_training`]).
 pub const PANEL_MIN: usize = 2048;
 
-/// Whether a weight `[out, in]` is packed in panels, for training or inference (on a
-/// CPU that [`available`] allows): at least [`PANEL_MIN`] features each way, where it
-/// was measured to pay (BENCHMARKS.md, "Session 20"; at 512 to 1,408 features the
-/// panels read 0.82-1.16x gemm's product on the Xeon, 1.03-1.12x on a Zen 4).
-pub fn pays(out: usize, inp: usize) -> bool {
+/// Features a weight has at least, each way, to be packed in panels for inference
+/// ([`pays_for_inference`]).
+pub const INFERENCE_PANEL_MIN: usize = 512;
+
+/// Whether training packs a weight `[out, in]` in panels, forward and backward (on a CPU
+/// that [`available`] allows): at least [`PANEL_MIN`] features each way, where it was
+/// measured to pay (BENCHMARKS.md, "Session 20"; at 512 to 1,408 features the panels
+/// read 0.82-1.16x gemm's product on the Xeon, 1.03-1.12x on a Zen 4). Training holds
+/// the weight twice in panels, so smaller weights stay as they are.
+pub fn pays_for_training(out: usize, inp: usize) -> bool {
     out >= PANEL_MIN && inp >= PANEL_MIN
+}
+
+/// Whether inference packs a weight `[out, in]` in panels for the forward alone, in
+/// place of its transpose (on a CPU that [`available`] allows): at least
+/// [`INFERENCE_PANEL_MIN`] features each way. From 512 to 8,192 features the forward in
+/// panels read 0.97-1.18x the transposed layout's at 128 and 512 rows, and 1.1-5.8x at
+/// 1 to 16 rows, on the Xeon and the Zen 4 (BENCHMARKS.md, "Session 21"); smaller
+/// weights were not measured.
+pub fn pays_for_inference(out: usize, inp: usize) -> bool {
+    out >= INFERENCE_PANEL_MIN && inp >= INFERENCE_PANEL_MIN
 }
 
 /// Whether this CPU runs [`PanelWeight`]'s product: x86-64 with AVX-512F.
