@@ -1,8 +1,9 @@
 //! Times a frozen linear's forward in inference's layouts by the number of rows: the
 //! weight transposed (gemm's) against `store_for_inference`'s choice on this CPU (panels
-//! on CPUs with AVX-512, packed on those that pack), at 1 to 512 rows, for a 2048-wide
-//! layer and the two MLP shapes of a 2048 x 5632 model. Fastest of N calls each, the two
-//! layouts in turns.
+//! on CPUs with AVX-512, packed on those that pack), at 1 to 512 rows, for the shapes of
+//! the bench Llama (hidden 512, intermediate 1408, vocab 8192), a 1024-wide layer, a
+//! 2048-wide layer and the two MLP shapes of a 2048 x 5632 model. Fastest of N calls
+//! each, the two layouts in turns.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release --example layout_rows -- [N]` (default 20)
 
@@ -24,7 +25,16 @@ fn main() {
         "{} threads; fastest of {calls}; store_for_inference's layout against the transpose",
         rayon::current_num_threads()
     );
-    for (out, inp) in [(2048, 2048), (5632, 2048), (2048, 5632)] {
+    for (out, inp) in [
+        (512, 512),
+        (1408, 512),
+        (512, 1408),
+        (8192, 512),
+        (1024, 1024),
+        (2048, 2048),
+        (5632, 2048),
+        (2048, 5632),
+    ] {
         let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu).unwrap();
         let mut transposed = FrozenLinear::new(w.clone(), None);
         transposed.store_transposed().unwrap();
