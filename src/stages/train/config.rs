@@ -22,6 +22,7 @@
 //! | `checkpoint_every` | 50 | steps between checkpoints; 0 = none |
 //! | `keep_checkpoints` | 2 | newest checkpoints kept |
 //! | `device` / `dtype` | `auto` / `f32` | cpu, cuda, metal, auto / f32, bf16 |
+//! | `frozen_weights` | `fast` | `fast` or `compact`: see [`FrozenWeights`] |
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -97,6 +98,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("keep_checkpoints", "2", "newest checkpoints kept"),
     ("device", "auto", "cpu, cuda, metal or auto"),
     ("dtype", "f32", "f32 or bf16"),
+    (
+        "frozen_weights",
+        "fast",
+        "fast (AVX-512 CPUs: large f32 frozen weights held twice, packed for both products) or compact (held once as loaded)",
+    ),
 ];
 
 /// `with:` of a train stage.
@@ -133,6 +139,31 @@ pub struct TrainConfig {
     pub device: String,
     #[serde(default = "d_dtype")]
     pub dtype: String,
+    /// Left out of the serialized form at its default, so that configurations written
+    /// before the key existed keep their fingerprint.
+    #[serde(default, skip_serializing_if = "FrozenWeights::is_fast")]
+    pub frozen_weights: FrozenWeights,
+}
+
+/// `frozen_weights`: how training holds the base model's frozen weights.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FrozenWeights {
+    /// [`crate::model::Llama::store_for_training`]: on CPUs with AVX-512, f32 weights of
+    /// 2,048 or more features each way are packed twice, for the forward's and the
+    /// backward's products, and the loaded copy is let go (twice their memory; 1.07-1.10x
+    /// the tokens/s of `compact` on a 2,048-wide model, BENCHMARKS.md "Session 20").
+    /// Elsewhere the same as `compact`.
+    #[default]
+    Fast,
+    /// The weights stay as loaded (memory-mapped where the file allows), held once.
+    Compact,
+}
+
+impl FrozenWeights {
+    fn is_fast(&self) -> bool {
+        *self == Self::Fast
+    }
 }
 
 /// `data:`.
@@ -330,6 +361,7 @@ pub struct Settings {
     pub device: DeviceChoice,
     /// Gradient-norm clip, if on.
     pub max_grad_norm: Option<f64>,
+    pub frozen_weights: FrozenWeights,
 }
 
 impl TrainConfig {
@@ -411,6 +443,7 @@ impl TrainConfig {
             dtype,
             device,
             max_grad_norm,
+            frozen_weights: self.frozen_weights,
         })
     }
 
@@ -486,5 +519,30 @@ mod tests {
         assert!(c.resolve().unwrap_err().contains("lm_head"));
         let c = cfg("base_model: m\ndata: {train: t}\ndtype: int8\n").unwrap();
         assert!(c.resolve().unwrap_err().contains("int8"));
+        let err = cfg("base_model: m\ndata: {train: t}\nfrozen_weights: small\n").unwrap_err();
+        assert!(
+            err.contains("frozen_weights") && err.contains("small"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn frozen_weights_default_to_fast_and_keep_old_fingerprints() {
+        let plain = cfg("base_model: m\ndata: {train: t}\n").unwrap();
+        assert_eq!(plain.frozen_weights, FrozenWeights::Fast);
+        assert_eq!(plain.resolve().unwrap().frozen_weights, FrozenWeights::Fast);
+        // The default is not serialized: the fingerprint of a configuration without the
+        // key is what it was before the key existed.
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("frozen_weights"), "{json}");
+        let fast = cfg("base_model: m\ndata: {train: t}\nfrozen_weights: fast\n").unwrap();
+        assert_eq!(fast.fingerprint(), plain.fingerprint());
+        let compact = cfg("base_model: m\ndata: {train: t}\nfrozen_weights: compact\n").unwrap();
+        assert_eq!(compact.frozen_weights, FrozenWeights::Compact);
+        assert_eq!(
+            compact.resolve().unwrap().frozen_weights,
+            FrozenWeights::Compact
+        );
+        assert_ne!(compact.fingerprint(), plain.fingerprint());
     }
 }

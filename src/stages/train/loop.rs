@@ -9,7 +9,7 @@ use candle_core::Var;
 use candle_nn::VarMap;
 
 use super::checkpoint::{self, TrainState};
-use super::config::TrainConfig;
+use super::config::{FrozenWeights, TrainConfig};
 use super::data::{make_batch, read_split, Batch, Cursor, Row, Split};
 use super::optimizer::AdamWParams;
 use super::rng::Rng;
@@ -47,9 +47,11 @@ pub fn run(cfg: &TrainConfig, ctx: &StageContext<'_>) -> Result<(), StageError> 
     let mut model = load_model(&base_dir, settings.dtype, &device).map_err(failed)?;
     let varmap = VarMap::new();
     let modules = init_lora(&mut model, &settings.lora, cfg.seed, &varmap).map_err(failed)?;
-    model
-        .store_for_training()
-        .map_err(|e| failed(format!("setting the model up for training: {e}")))?;
+    if settings.frozen_weights == FrozenWeights::Fast {
+        model
+            .store_for_training()
+            .map_err(|e| failed(format!("setting the model up for training: {e}")))?;
+    }
     let vocab = model.config().vocab_size;
 
     let train = read_split(&ctx.workspace.join(&cfg.data.train), vocab).map_err(failed)?;
