@@ -1,7 +1,7 @@
 //! Drives taper's train stage on a random-weight Llama and prints training tokens/s.
 //! Used by `benches/train_compare.sh` (CPU) and `benches/train_compare_gpu.sh` (CUDA).
 //!
-//! `cargo run --example train_bench -- [steps] [--size bench|gpu] [--device cpu|cuda] [--dtype f32|bf16] [--batch B] [--seq S]`
+//! `cargo run --example train_bench -- [steps] [--size bench|gpu] [--device cpu|cuda] [--dtype f32|bf16] [--batch B] [--seq S] [--frozen-weights fast|compact]`
 //!
 //! - `bench`: hidden 512, intermediate 1408, 8 layers, 8 heads, vocab 8192, batch 4 × 256.
 //! - `gpu`: hidden 2048, intermediate 5632, 16 layers, 32 heads (4 key/value heads),
@@ -181,6 +181,7 @@ fn main() -> anyhow::Result<()> {
     }
     let device = flag(&args, "--device").unwrap_or_else(|| "cpu".into());
     let dtype = flag(&args, "--dtype").unwrap_or_else(|| "f32".into());
+    let frozen = flag(&args, "--frozen-weights").unwrap_or_else(|| "fast".into());
     let ws = tempfile::tempdir()?;
     // Random weights are drawn on the benchmark's device (fast on a GPU for the large size).
     let choice: taper::model::DeviceChoice =
@@ -198,7 +199,7 @@ fn main() -> anyhow::Result<()> {
          base_model: models/base\n      data: {{train: tokens/train}}\n      \
          lora: {{r: 8, alpha: 16, targets: [q_proj, v_proj]}}\n      \
          batch_size: {batch}\n      max_steps: {steps}\n      checkpoint_every: 0\n      \
-         device: {device}\n      dtype: {dtype}\n"
+         device: {device}\n      dtype: {dtype}\n      frozen_weights: {frozen}\n"
     );
     let file = Path::new("bench.yaml");
     let pipeline = taper::spec::load_str(file, &yaml, &[]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -239,7 +240,7 @@ fn main() -> anyhow::Result<()> {
     // The fastest step too: on a shared machine, interference only ever slows a step.
     let fastest = rest.iter().copied().fold(0.0, f64::max);
     println!(
-        "taper tokens/s {mean:.1} over {} steps (batch {} x {}, {device}, {dtype}); fastest step {fastest:.1}",
+        "taper tokens/s {mean:.1} over {} steps (batch {} x {}, {device}, {dtype}, frozen_weights {frozen}); fastest step {fastest:.1}",
         rest.len(),
         z.batch,
         z.seq

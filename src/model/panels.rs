@@ -1,5 +1,5 @@
-//! A frozen weight packed once for training on CPUs with AVX-512, and the products over
-//! it: our own loops around gemm's AVX-512 micro-kernel.
+//! A frozen weight packed once on CPUs with AVX-512, for training or for inference, and
+//! the products over it: our own loops around gemm's AVX-512 micro-kernel.
 //!
 //! Training's forward `y = x W^T` for `W` `[out, in]` as loaded made gemm pack `W` at
 //! every call (a transpose of the whole weight, which does not fit the caches) or, in
@@ -14,7 +14,8 @@
 //! the rows of `x` (or `g`) where they are, and it stores a tile's 64 outputs of a row
 //! side by side, so it writes `y` (or `dx`) as it is laid out: no transposes and no
 //! packing at the call. The two copies take twice the weight's memory, and the tensor
-//! as loaded is let go.
+//! as loaded is let go. Inference packs `W` alone ([`Panels::forward_only`]), in place
+//! of the transposed copy it would hold otherwise: the same memory.
 //!
 //! [`PanelWeight::product`] runs the input features [`KC`] (512) at a time; within a
 //! block, for each group of `PANEL_GROUP` (4) panels (a 512 x 256 block of weights,
@@ -57,10 +58,10 @@ pub fn pays_for_training(out: usize, inp: usize) -> bool {
 
 /// Whether inference packs a weight `[out, in]` in panels for the forward alone, in
 /// place of its transpose (on a CPU that [`available`] allows): at least
-/// [`INFERENCE_PANEL_MIN`] features each way. From 512 to 8,192 features the forward in
-/// panels read 0.97-1.18x the transposed layout's at 128 and 512 rows, and 1.1-5.8x at
-/// 1 to 16 rows, on the Xeon and the Zen 4 (BENCHMARKS.md, "Session 21"); smaller
-/// weights were not measured.
+/// [`INFERENCE_PANEL_MIN`] features each way. Below 2,048 features (512 x 512 to
+/// 8192 x 512) the forward in panels read 0.98-1.20x the transposed layout's at 128 and
+/// 512 rows and 0.93-6.32x at 1 to 16 rows, 72 of 75 readings at 1.0x or more, on a Xeon
+/// and a Zen 4 (BENCHMARKS.md, "Session 21"); smaller weights were not measured.
 pub fn pays_for_inference(out: usize, inp: usize) -> bool {
     out >= INFERENCE_PANEL_MIN && inp >= INFERENCE_PANEL_MIN
 }
@@ -337,19 +338,39 @@ impl PanelWeight {
 
 /// `out x inp` elements `at(o, i)` in panels of [`MR`] rows (module docs).
 fn pack(out: usize, inp: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
-    let mut data = vec![0f32; out.div_ceil(MR) * inp * MR];
+    let len = out.div_ceil(MR) * inp * MR;
+    let mut data = Vec::<f32>::with_capacity(len);
     if inp == 0 {
         return data;
     }
-    data.par_chunks_mut(inp * MR)
+    // A panel in tiles of PACK_TILE input features: a tile's 64 x 16 weights are read a
+    // row (or, from a transposed source, a column) at a time and written within 4 KB, so
+    // both the forward's panels (from `W`'s rows) and the backward's (from its columns)
+    // read and write within the L1. Every element is written once, the missing
+    // features of the last panel as zeros, by the thread that packs its panel: no
+    // zeroing pass first, which for a large weight is a serial pass over fresh pages.
+    const PACK_TILE: usize = 16;
+    data.spare_capacity_mut()[..len]
+        .par_chunks_mut(inp * MR)
         .enumerate()
         .for_each(|(q, panel)| {
-            for i in 0..MR.min(out - q * MR) {
-                for (p, v) in panel.iter_mut().skip(i).step_by(MR).enumerate() {
-                    *v = at(q * MR + i, p);
+            let rows = MR.min(out - q * MR);
+            for p0 in (0..inp).step_by(PACK_TILE) {
+                let tile = &mut panel[p0 * MR..(p0 + PACK_TILE).min(inp) * MR];
+                for i in 0..MR {
+                    for (dp, v) in tile.iter_mut().skip(i).step_by(MR).enumerate() {
+                        v.write(if i < rows {
+                            at(q * MR + i, p0 + dp)
+                        } else {
+                            0.0
+                        });
+                    }
                 }
             }
         });
+    // SAFETY: the panels cover the `len` elements and each tile's offsets `p * MR + i`
+    // (every `p` of the tile, every `i` below MR) cover the tile: all were written.
+    unsafe { data.set_len(len) };
     data
 }
 
@@ -378,6 +399,18 @@ fn split(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thresholds_take_both_dimensions() {
+        let n = INFERENCE_PANEL_MIN;
+        assert!(pays_for_inference(n, n));
+        assert!(!pays_for_inference(n - 1, n) && !pays_for_inference(n, n - 1));
+        let n = PANEL_MIN;
+        assert!(pays_for_training(n, n));
+        assert!(!pays_for_training(n - 1, n) && !pays_for_training(n, n - 1));
+        // A weight that trains in panels also infers in them.
+        assert!(pays_for_inference(PANEL_MIN, PANEL_MIN));
+    }
 
     /// Deterministic values in [-1, 1) from a seed.
     fn values(len: usize, seed: u64) -> Vec<f32> {

@@ -151,8 +151,9 @@ pub struct TrainConfig {
 pub enum FrozenWeights {
     /// [`crate::model::Llama::store_for_training`]: on CPUs with AVX-512, f32 weights of
     /// 2,048 or more features each way are packed twice, for the forward's and the
-    /// backward's products, and the loaded copy is let go (twice their memory; 1.07-1.10x
-    /// the tokens/s of `compact` on a 2,048-wide model, BENCHMARKS.md "Session 20").
+    /// backward's products, and the loaded copy is let go (twice their memory; on a
+    /// 2,048-wide, 16-layer model 1.02-1.10x the tokens/s of `compact` on a Zen 4, peak
+    /// memory 7.1-7.2 GB against 5.3-6.0 GB, BENCHMARKS.md "Session 21").
     /// Elsewhere the same as `compact`.
     #[default]
     Fast,
