@@ -13,48 +13,23 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use taper::model::{generate, load_model, GenerateOptions, Llama, LogitsAt, SamplingConfig};
 
-/// The `taper` binary's global allocator (`CacheAligned`).
-#[global_allocator]
-static ALLOC: taper::model::device::CacheAligned = taper::model::device::CacheAligned;
+// The benches' shared code: the random Llama, and the `taper` binary's global allocator
+// (`CacheAligned`).
+#[path = "../benches/util/mod.rs"]
+mod util;
 
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap()
-}
+use util::{write_llama, LlamaShape};
 
-/// Writes the random model to `dir`.
-fn write_model(dir: &std::path::Path, layers: usize) {
-    let (h, i, heads, kv_heads, vocab) = (2048usize, 5632usize, 32usize, 4usize, 32000usize);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let ones = || Tensor::ones(h, DType::F32, &Device::Cpu).unwrap();
-    let kv = h / heads * kv_heads;
-    let mut tensors = std::collections::HashMap::new();
-    tensors.insert("model.embed_tokens.weight".to_string(), randn(&[vocab, h]));
-    tensors.insert("lm_head.weight".to_string(), randn(&[vocab, h]));
-    tensors.insert("model.norm.weight".to_string(), ones());
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [h, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, h]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            tensors.insert(format!("{p}.{name}.weight"), randn(&shape));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.insert(format!("{p}.{norm}.weight"), ones());
-        }
+/// TinyLlama's shapes with `layers` layers.
+fn shape(layers: usize) -> LlamaShape {
+    LlamaShape {
+        hidden: 2048,
+        intermediate: 5632,
+        layers,
+        heads: 32,
+        kv_heads: 4,
+        vocab: 32000,
     }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
 
 /// One round: (prefill ms, decode step ms, generation ms).
@@ -94,7 +69,7 @@ fn main() {
     };
     let (rounds, layers) = (arg(1, 4), arg(2, 4));
     let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path(), layers);
+    write_llama(dir.path(), shape(layers));
     let load = || load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let mut transposed = load();
     transposed.store_transposed().unwrap();
