@@ -137,7 +137,8 @@ if dump:
 print(f"{'case':44} {'taper ms':>9} {'torch ms':>9} {'torch/taper':>12} {'rounds: low':>12} {'median':>7}")
 best_taper = {}
 for case, pairs in times.items():
-    pairs = [(ours, theirs) for ours, theirs in pairs if theirs is not None]
+    pairs = [(ours, theirs) for ours, theirs in pairs
+             if ours is not None and theirs is not None]
     if not pairs:
         print(f"{case:44} {'-':>9} {'-':>9} {'(missing)':>12}")
         continue

@@ -171,18 +171,26 @@ impl PanelWeight {
         (self.out, self.inp)
     }
 
-    /// The weight `[out, in]` row-major, unpacked over the threads a row at a time.
+    /// The weight `[out, in]` row-major, unpacked over the threads a row at a time into
+    /// an uninitialised buffer (no zeroing pass, as in `pack`).
     pub fn unpack(&self) -> Vec<f32> {
         let (out, inp) = self.dims();
-        let mut w = vec![0f32; out * inp];
-        if inp > 0 {
-            w.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+        let mut w = Vec::<f32>::with_capacity(out * inp);
+        if inp == 0 {
+            return w;
+        }
+        w.spare_capacity_mut()[..out * inp]
+            .par_chunks_mut(inp)
+            .enumerate()
+            .for_each(|(o, row)| {
                 let panel = &self.data[(o / MR) * inp * MR..][..inp * MR];
                 for (v, p) in row.iter_mut().zip(panel.iter().skip(o % MR).step_by(MR)) {
-                    *v = *p;
+                    v.write(*p);
                 }
             });
-        }
+        // SAFETY: each of the `out` rows of `inp` elements was written in full: a panel
+        // holds `inp` weights of each of its outputs, MR apart.
+        unsafe { w.set_len(out * inp) };
         w
     }
 
