@@ -157,7 +157,7 @@ pub enum FrozenWeights {
     /// Elsewhere the same as `compact`.
     #[default]
     Fast,
-    /// The weights stay as loaded (memory-mapped where the file allows), held once.
+    /// The weights stay as loaded, held once.
     Compact,
 }
 
